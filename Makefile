@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   install, then run a local federation (tiny model, synthetic shards)
+#   make test   install, then lint and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FEDSD := $(VENV)/bin/fedsd
+DEMO ?= runs/demo
+NODES ?= 2
+ROUNDS ?= 2
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0+cpu: the CPU wheel (pip's find-links on these machines); a plain
+# "torch" would pull a multi-GB CUDA build. GPU hosts use the SuperNode image instead.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0+cpu" -e ".[dev]"
+	touch $@
+
+demo: install
+	$(FEDSD) tiny-model --out $(DEMO)/model
+	$(FEDSD) shards --source synthetic --num-shards $(NODES) --out $(DEMO)/shards
+	$(FEDSD) up --local --nodes $(NODES) --rounds $(ROUNDS) --model $(DEMO)/model \
+		--shards $(DEMO)/shards --out $(DEMO)/out --run-config "resolution=64"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,113 @@
+"""The run's output directory: per-round adapters, ``latest/``, ``history.json``, resume.
+
+Layout of ``OUT``::
+
+    round-<n>/pytorch_lora_weights.safetensors   the aggregate after round n
+    latest/                                       a copy of the newest round
+    history.json                                  run identity and one record per round
+
+``history.json`` is written last and atomically after each round, so it is the commit
+point: a restarted ServerApp resumes after its last recorded round from that round's
+adapter, whatever a crash left half-done after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsd.config import RunConfig
+from fedsd.model import load_adapter_arrays, save_adapter
+
+HISTORY = "history.json"
+# Settings that must not change when resuming: they define what the adapter is.
+IDENTITY_KEYS = ("model", "lora-rank", "lora-alpha", "lora-targets", "lora-variant", "seed")
+
+
+class ResumeError(RuntimeError):
+    """OUT holds a run that this configuration cannot continue."""
+
+
+def _identity(cfg: RunConfig) -> dict[str, Any]:
+    m = cfg.to_mapping()
+    return {k: m[k] for k in IDENTITY_KEYS}
+
+
+@dataclass
+class RunDir:
+    """Reads and writes one run's output directory."""
+
+    root: Path
+    cfg: RunConfig
+    history: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: RunConfig) -> RunDir:
+        """Open (creating if needed) ``cfg.out_dir``; refuse a foreign run's directory."""
+        root = Path(cfg.out_dir).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        rd = cls(root=root, cfg=cfg)
+        path = root / HISTORY
+        if path.is_file():
+            rd.history = json.loads(path.read_text())
+            theirs = rd.history.get("identity", {})
+            ours = _identity(cfg)
+            diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
+            if diff and rd.completed_rounds:
+                detail = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+                raise ResumeError(
+                    f"{root} holds a run with different settings ({detail}); "
+                    "use another out-dir or the same settings to resume it"
+                )
+        if not rd.history.get("rounds"):
+            rd.history = {"identity": _identity(cfg), "created": time.time(), "rounds": []}
+        rd.history["config"] = cfg.to_mapping()
+        return rd
+
+    @property
+    def completed_rounds(self) -> int:
+        """The last round recorded in history.json (0 if none)."""
+        rounds = self.history.get("rounds", [])
+        return int(rounds[-1]["round"]) if rounds else 0
+
+    def round_dir(self, server_round: int) -> Path:
+        """Where round ``server_round``'s adapter lives."""
+        return self.root / f"round-{server_round}"
+
+    def resume_arrays(self) -> dict[str, np.ndarray] | None:
+        """The adapter of the last completed round, or None for a fresh run."""
+        n = self.completed_rounds
+        if n == 0:
+            return None
+        d = self.round_dir(n)
+        if not d.is_dir():
+            raise ResumeError(f"history.json records round {n} but {d} is missing")
+        return load_adapter_arrays(d)
+
+    def save_round(self, server_round: int, arrays: dict[str, np.ndarray], record: dict) -> None:
+        """Adapter to round-<n>/ and latest/, then the history record (the commit point)."""
+        info = {"round": server_round, "model": self.cfg.model, "time": time.time()}
+        save_adapter(arrays, self.round_dir(server_round), self.cfg, info)
+        save_adapter(arrays, self.root / "latest", self.cfg, info)
+        self.history["rounds"] = [
+            r for r in self.history["rounds"] if int(r["round"]) < server_round
+        ] + [record]
+        self._write_history()
+
+    def _write_history(self) -> None:
+        path = self.root / HISTORY
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.history, indent=2, default=_json_default) + "\n")
+        tmp.replace(path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x)}")

@@ -1,0 +1,148 @@
+"""The ``fedsd`` command line: one entry point, one sub-command per job.
+
+Each sub-command imports its heavy dependencies only when it runs, so ``fedsd --help``
+and the light sub-commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from fedsd.model import write_tiny_pipeline
+
+    path = write_tiny_pipeline(args.out, seed=args.seed)
+    print(f"wrote a tiny RANDOM pipeline to {path}: NOT a real model, for smoke runs and tests")
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from fedsd.data import write_shards
+
+    manifest = write_shards(
+        source=args.source,
+        num_shards=args.num_shards,
+        partitioner=args.partitioner,
+        alpha=args.alpha,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        out=args.out,
+        image_size=args.image_size,
+        synthetic_images=args.synthetic_images,
+    )
+    for shard in manifest["shards"]:
+        print(
+            f"{shard['name']}: train={shard['train']['images']} val={shard['val']['images']}"
+            f" skipped={shard['train']['skipped'] + shard['val']['skipped']}"
+        )
+    print(f"manifest: {args.out}/manifest.json")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from fedsd.deploy import run_local_from_args
+
+    return run_local_from_args(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fedsd.generate import generate_grid
+
+    path = generate_grid(
+        model=args.model,
+        adapter=args.adapter,
+        prompts=args.prompt,
+        seeds=args.seed,
+        out=args.out,
+        steps=args.steps,
+        resolution=args.resolution,
+        guidance_scale=args.guidance_scale,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedsd.certs import ensure_certs
+
+    material = ensure_certs(args.out, hosts=args.host, nodes=args.nodes)
+    print(f"CA: {material.ca_cert}\nSuperLink certificate: {material.server_cert}")
+    for key in material.node_keys:
+        print(f"node key: {key.private_key} (public: {key.public_key})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="fedsd", description="Federated LoRA fine-tuning of diffusion models on Flower."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "tiny-model", help="write a tiny random diffusers pipeline (not a real model)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("shards", help="partition a dataset into per-node shards")
+    p.add_argument(
+        "--source",
+        default="nkirschi/oxford-flowers",
+        help="hub dataset id, a local image folder, or 'synthetic'",
+    )
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--partitioner", choices=["iid", "dirichlet"], default="iid")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--image-size", type=int, default=None, help="resize images (square) on write")
+    p.add_argument(
+        "--synthetic-images", type=int, default=64, help="images in the synthetic source"
+    )
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("up", help="run a federation")
+    from fedsd.deploy_args import add_up_arguments
+
+    add_up_arguments(p)
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("generate", help="base vs adapted images from the same seeds")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. OUT/latest)")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--seed", type=int, action="append", default=None, help="repeatable")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("certs", help="create the CA, SuperLink certificate and node keys")
+    p.add_argument("--out", required=True)
+    p.add_argument("--host", action="append", default=[], help="extra SAN (repeatable)")
+    p.add_argument("--nodes", type=int, default=2)
+    p.set_defaults(func=_cmd_certs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedsd`` console script."""
+    args = build_parser().parse_args(argv)
+    from fedsd.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"fedsd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

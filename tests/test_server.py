@@ -1,0 +1,181 @@
+"""The ServerApp round loop against an in-process grid: history, checkpoints, resume.
+
+The deployment itself (TLS, SuperNodes, SuperExec) is covered by tests/test_e2e.py;
+here the grid hands messages straight to the ClientApp handlers so that failures and
+restarts can be staged precisely.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+
+from fedsd.config import ConfigError, RunConfig
+from fedsd.model import load_adapter_arrays
+from tests.test_client import _write_split
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class InProcessGrid:
+    """Delivers each message to the ClientApp handler of its destination node."""
+
+    def __init__(self, contexts, fail_train=()):
+        self.contexts = contexts
+        self.fail_train = set(fail_train)
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fedsd import client_app
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.sent.append((msg.metadata.message_type, node))
+            if msg.metadata.message_type == "train" and node in self.fail_train:
+                replies.append(Message(Error(code=1, reason="node crashed"), reply_to=msg))
+                continue
+            handler = (
+                client_app.train if msg.metadata.message_type == "train" else (client_app.evaluate)
+            )
+            reply = handler(msg, self.contexts[node])
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def shards(tmp_path):
+    roots = []
+    for i, n in enumerate((8, 4)):
+        root = tmp_path / f"shard-{i}"
+        _write_split(root / "train", n, i)
+        _write_split(root / "val", 2, 10 + i)
+        roots.append(root)
+    return roots
+
+
+def _setup(tiny_model, tmp_path, shards, **kw):
+    rc = {
+        "model": str(tiny_model),
+        "resolution": 64,
+        "num-server-rounds": 2,
+        "min-nodes": 1,
+        "out-dir": str(tmp_path / "out"),
+        "learning-rate": 1e-3,
+        **kw,
+    }
+    contexts = {
+        101 + i: Context(
+            run_id=1,
+            node_id=101 + i,
+            node_config={"partition-id": i, "shard-dir": str(s), "cache-dir": str(tmp_path / "c")},
+            state=RecordDict(),
+            run_config=rc,
+        )
+        for i, s in enumerate(shards)
+    }
+    return rc, contexts
+
+
+def test_rounds_write_adapters_and_history(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards)
+    grid = InProcessGrid(contexts)
+    Federation(grid, RunConfig.from_mapping(rc)).run()
+    out = tmp_path / "out"
+    hist = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in hist["rounds"]] == [1, 2]
+    for r in hist["rounds"]:
+        assert r["nodes_sampled"] == 2 and r["nodes_replied"] == 2 and r["nodes_failed"] == 0
+        assert r["images"] == 12  # 8 + 4 images, not batches
+        assert r["train_loss"] > 0 and r["val_loss"] > 0
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["seconds"] > 0
+    latest = load_adapter_arrays(out / "latest")
+    last = load_adapter_arrays(out / "round-2")
+    assert all(np.array_equal(latest[k], last[k]) for k in latest)
+    first = load_adapter_arrays(out / "round-1")
+    assert any(not np.array_equal(first[k], last[k]) for k in first)
+    assert ("evaluate", 101) in grid.sent and ("evaluate", 102) in grid.sent
+
+
+def test_failed_node_is_counted_and_round_continues(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **{"num-server-rounds": 1})
+    Federation(InProcessGrid(contexts, fail_train={102}), RunConfig.from_mapping(rc)).run()
+    (rec,) = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
+    assert rec["nodes_sampled"] == 2 and rec["nodes_replied"] == 1 and rec["nodes_failed"] == 1
+    assert rec["images"] == 8
+
+
+def test_too_few_replies_abort_without_touching_the_checkpoint(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **{"min-nodes": 2})
+    with pytest.raises(RuntimeError, match="only 1 of 2"):
+        Federation(InProcessGrid(contexts, fail_train={101}), RunConfig.from_mapping(rc)).run()
+    assert not (tmp_path / "out" / "history.json").exists()
+
+
+def test_restart_resumes_from_the_last_round(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **{"num-server-rounds": 1})
+    Federation(InProcessGrid(contexts), RunConfig.from_mapping(rc)).run()
+    round1 = load_adapter_arrays(tmp_path / "out" / "round-1")
+    # "Crash" after round 1, restart asking for 2 rounds: only round 2 runs, from round 1.
+    rc2 = {**rc, "num-server-rounds": 2}
+    grid = InProcessGrid(
+        {
+            k: Context(
+                run_id=2, node_id=k, node_config=c.node_config, state=RecordDict(), run_config=rc2
+            )
+            for k, c in contexts.items()
+        }
+    )
+    fed = Federation(grid, RunConfig.from_mapping(rc2))
+    assert fed.out.completed_rounds == 1
+    started_from = fed.out.resume_arrays()
+    assert all(np.array_equal(started_from[k], round1[k]) for k in round1)
+    fed.run()
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [r["round"] for r in hist["rounds"]] == [1, 2]
+    assert sum(1 for kind, _ in grid.sent if kind == "train") == 2  # one round, two nodes
+
+
+def test_resume_with_different_lora_settings_is_refused(tiny_model, tmp_path, shards):
+    from fedsd.checkpoint import ResumeError
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **{"num-server-rounds": 1})
+    Federation(InProcessGrid(contexts), RunConfig.from_mapping(rc)).run()
+    with pytest.raises(ResumeError, match="lora-rank"):
+        Federation(InProcessGrid(contexts), RunConfig.from_mapping({**rc, "lora-rank": 4}))
+
+
+def test_invalid_config_is_refused_before_round_one(tmp_path):
+    from fedsd import server_app
+
+    ctx = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"num-server-rounds": 0, "out-dir": str(tmp_path / "o")},
+    )
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        server_app.main(object(), ctx)
+    assert not (tmp_path / "o").exists()
