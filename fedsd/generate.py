@@ -34,7 +34,7 @@ def generate_grid(
     dev = pick_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
-        resolve_model(model), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        resolve_model(model), dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(dev)
     pipe.set_progress_bar_config(disable=True)
     seeds = seeds or [0]

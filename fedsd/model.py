@@ -108,7 +108,7 @@ def load_unet(model_path: str, device: Any = "cpu", dtype: Any = None) -> UNet2D
     """Load the UNet with every base weight frozen."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", dtype=dtype)
     unet.requires_grad_(False)
     return unet.to(device)
 
