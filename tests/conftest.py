@@ -18,3 +18,9 @@ def tiny_model(tmp_path_factory) -> Path:
     from fedsd.model import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def bare_app_dir() -> Path:
+    """A trivial Message-API Flower app (no torch), for deployment tests and benchmarks."""
+    return Path(__file__).parent / "fixtures" / "bare_app"

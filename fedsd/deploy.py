@@ -1,0 +1,1213 @@
+"""``fedsd up --local``: a real Flower deployment on 127.0.0.1, started and torn down for one run.
+
+Unlike the simulation engine this exercises exactly what a multi-machine deployment runs:
+a SuperLink with TLS and SuperNode authentication (``--isolation process``), a separate
+ServerApp SuperExec, N authenticated SuperNodes (each launching its own ClientApp
+processes) and a submission with ``flwr run --stream``. Everything it starts lives in its
+own process group and is stopped at the end, on failure, on Ctrl-C and on SIGTERM.
+
+Layout of the work directory (default ``OUT/.deploy``)::
+
+    ca.crt superlink.crt/.key nodes/node-<i>[.pub]   fedsd.certs material
+    state.db                                         SuperLink state (node registrations)
+    flwr-home/config.toml                            `local` connection for the flwr CLI
+    node-home/node-<i>/                              each SuperNode's FLWR_HOME (FAB installs)
+    cache/node-<i>/                                  node-config cache-dir
+    logs/<service>.log                               stdout+stderr of every service
+
+Only ``fedsd.certs`` and ``fedsd.config`` are imported: no torch, no Flower (the Flower
+commands run as subprocesses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+from fedsd.certs import CertMaterial, NodeKey, ensure_certs
+from fedsd.config import ConfigError, RunConfig
+
+__all__ = [
+    "CONNECTION",
+    "DeployError",
+    "LocalDeployment",
+    "RunResult",
+    "Service",
+    "ShardsError",
+    "build_run_config",
+    "check_shards",
+    "child_env",
+    "find_app_dir",
+    "format_config_pairs",
+    "free_port",
+    "load_app_config",
+    "parse_run_config",
+    "run_local",
+    "run_local_from_args",
+    "start_service",
+    "stop_services",
+    "tail_file",
+]
+
+CONNECTION = "local"
+LOCALHOST = "127.0.0.1"
+DEFAULT_GRACE = 10.0
+DEFAULT_STARTUP_TIMEOUT = 90.0
+EXIT_TIMEOUT = 124
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+StreamFn = Callable[[str], None]
+
+
+class DeployError(RuntimeError):
+    """A Flower service failed to start, died, or refused a request."""
+
+
+class ShardsError(FileNotFoundError):
+    """The shard directory the SuperNodes need is missing or incomplete."""
+
+
+class _Interrupted(BaseException):
+    """Raised from the SIGTERM/SIGHUP handler so that ``finally`` blocks tear down."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------- run config
+
+
+def find_app_dir() -> Path:
+    """The fedsd Flower app: the repository root holding the pyproject with ``[tool.flwr.app]``.
+
+    ``flwr run`` builds the FAB from a directory, so the app only exists in a source checkout
+    (or an image that copies it), not in an installed wheel.
+    """
+    import fedsd
+
+    root = Path(fedsd.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not _has_flwr_app(pyproject):
+        raise DeployError(
+            f"no Flower app found: {pyproject} is missing or has no [tool.flwr.app] table. "
+            "`fedsd up` needs the fedsd source tree (it builds the FAB from it); "
+            "pass --app-dir DIR to use another app directory."
+        )
+    return root
+
+
+def load_app_config(app_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The app's run-config defaults (``[tool.flwr.app.config]``), flattened like Flower does."""
+    pyproject = Path(app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FileNotFoundError(f"no pyproject.toml in the Flower app directory {app_dir}")
+    with pyproject.open("rb") as fh:
+        data = tomllib.load(fh)
+    app = data.get("tool", {}).get("flwr", {}).get("app")
+    if not isinstance(app, dict):
+        raise DeployError(f"{pyproject} has no [tool.flwr.app] table: not a Flower app")
+    return _flatten(app.get("config", {}))
+
+
+def parse_run_config(items: str | Sequence[str] | None) -> dict[str, Any]:
+    """Parse ``"k1=v1 k2=v2"`` strings as ``flwr run --run-config`` does (values are TOML).
+
+    A single item ending in ``.toml`` is read as a TOML file of overrides.
+    """
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    items = [i for i in items if i and i.strip()]
+    if len(items) == 1 and items[0].strip().endswith(".toml"):
+        path = Path(items[0].strip()).expanduser()
+        try:
+            with path.open("rb") as fh:
+                return _flatten(tomllib.load(fh))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"run-config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in run-config file {path}: {exc}") from exc
+    out: dict[str, Any] = {}
+    for item in items:
+        if item.strip().endswith(".toml"):
+            raise ConfigError("a run-config TOML file cannot be combined with key=value pairs")
+        matches = _PAIR_RE.findall(item)
+        leftover = _PAIR_RE.sub("", item).strip()
+        if leftover:
+            raise ConfigError(
+                f"invalid run config {item!r}: could not parse {leftover!r}; expected "
+                "space-separated key=value pairs, e.g. 'lora-rank=4 lora-variant=\"ffa\"'"
+            )
+        try:
+            parsed = tomllib.loads("\n".join(f"{k} = {v}" for k, v in matches))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(
+                f"invalid run config {item!r}: {exc}; values must be TOML (bool, int, float "
+                "or a quoted string)"
+            ) from exc
+        out.update(_flatten(parsed))
+    return out
+
+
+# Flower's own pattern (flwr.common.config.parse_config_args): unquoted values stop at
+# whitespace, quoted ones may contain spaces.
+_PAIR_RE = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def format_config_pairs(config: Mapping[str, Any]) -> str:
+    """The inverse of :func:`parse_run_config`: ``k="v" k2=3`` that Flower parses back."""
+    return " ".join(f"{key}={_toml_value(key, value)}" for key, value in config.items())
+
+
+def build_run_config(
+    app_dir: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | str | Sequence[str] | None = None,
+    *,
+    rounds: int | None = None,
+    model: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    validate: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``(overrides, effective)`` for a run; refuse bad values before anything starts.
+
+    ``overrides`` are what ``flwr run --run-config`` receives; ``effective`` is the app
+    defaults with them applied. ``rounds``/``model`` override ``num-server-rounds``/``model``
+    (an existing local model directory becomes absolute, since the services run elsewhere)
+    and ``out`` sets ``out-dir`` (absolute) when the app defines that key. Every override key
+    must exist in the app's ``[tool.flwr.app.config]`` (the SuperLink would refuse the run
+    otherwise). With ``validate`` the result goes through ``RunConfig.from_mapping``.
+    """
+    defaults = load_app_config(app_dir)
+    if isinstance(overrides, Mapping):
+        merged: dict[str, Any] = _flatten(dict(overrides))
+    else:
+        merged = parse_run_config(overrides)
+    if rounds is not None:
+        merged["num-server-rounds"] = rounds
+    if model is not None:
+        path = Path(model).expanduser()
+        merged["model"] = str(path.resolve()) if path.is_dir() else model
+    if out is not None and "out-dir" in defaults:
+        merged["out-dir"] = str(Path(out).expanduser().resolve())
+    unknown = sorted(set(merged) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"invalid run config: unknown key(s) {', '.join(unknown)}; the app "
+            f"({Path(app_dir) / 'pyproject.toml'}) defines: {', '.join(sorted(defaults))}"
+        )
+    for key, value in merged.items():
+        _toml_value(key, value)  # refuse what cannot be passed to flwr on the command line
+    effective = {**defaults, **merged}
+    if validate:
+        RunConfig.from_mapping(effective)
+    return merged, effective
+
+
+def check_shards(shards: str | os.PathLike[str], nodes: int) -> Path:
+    """Make sure ``shards/shard-<i>/train/metadata.jsonl`` exists for every node."""
+    root = Path(shards).expanduser().resolve()
+    hint = f"create them with: fedsd shards --num-shards {nodes} --out {root}"
+    if not root.is_dir():
+        raise ShardsError(f"shard directory {root} does not exist; {hint}")
+    for i in range(nodes):
+        meta = root / f"shard-{i}" / "train" / "metadata.jsonl"
+        if not meta.is_file():
+            raise ShardsError(
+                f"shard-{i} (for SuperNode {i} of {nodes}) is missing or incomplete: "
+                f"{meta} not found; {hint}"
+            )
+    return root
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port nobody listens on right now (the OS picks it, so parallel runs don't clash)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env(
+    flwr_home: str | os.PathLike[str], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment of every Flower process: no telemetry, no update check, our FLWR_HOME.
+
+    The interpreter's bin directory goes first on PATH because SuperNodes and SuperExecs
+    start ``flower-superexec``/``flwr-clientapp``/``flwr-serverapp`` by name.
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(flwr_home),
+        PYTHONUNBUFFERED="1",
+    )
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (bin_dir, path) if p)
+    return env
+
+
+def _executable(name: str) -> str:
+    """Prefer the command installed next to this interpreter (a venv need not be activated)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"`{name}` not found: is flwr installed in this environment?")
+    return found
+
+
+@dataclass
+class Service:
+    """One started process (and its process group) with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    log_offset: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        """Process id, which is also the process-group id (each service leads its group)."""
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        """Exit status, or None while running."""
+        return self.process.poll()
+
+    def alive(self) -> bool:
+        """Whether the main process still runs."""
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the service log (for error messages)."""
+        return tail_file(self.log_path, lines)
+
+    def log_since_start(self) -> str:
+        """What this start of the service logged (logs are appended to across runs)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_offset)
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = DEFAULT_GRACE) -> None:
+        """SIGTERM the whole tree, SIGKILL what is left after ``grace`` seconds."""
+        stop_services([self], grace=grace)
+
+
+def tail_file(path: str | os.PathLike[str], lines: int = 30) -> str:
+    """Last ``lines`` lines of a text file ('' if it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: have the kernel SIGTERM the child if the runner dies without cleaning up."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, never block the start
+        pass
+
+
+def start_service(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_dir: str | os.PathLike[str],
+    cwd: str | os.PathLike[str] | None = None,
+    die_with_parent: bool = True,
+) -> Service:
+    """Start ``argv`` in a new session/process group, stdout+stderr to ``log_dir/name.log``.
+
+    The own process group lets us signal the service together with the SuperExec and
+    ServerApp/ClientApp processes it spawns, and keeps a terminal Ctrl-C from reaching them
+    before we stop them in order.
+    """
+    log_path = Path(log_dir) / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        offset = log.tell()
+        log.write(f"==> {' '.join(argv)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_pdeathsig if (die_with_parent and sys.platform == "linux") else None,
+        )
+    return Service(name, list(argv), log_path, process, log_offset=offset)
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, start time) from /proc (Linux); empty elsewhere."""
+    table: dict[int, tuple[int, int, str]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces: split after its closing paren.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) < 20 or fields[0] == "Z":
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
+    return table
+
+
+def _tree(pids: Iterable[int], pgids: Iterable[int] = ()) -> dict[int, str]:
+    """Live processes that are ``pids``, in process groups ``pgids``, or descend from those.
+
+    Returns pid -> start time (to recognise a pid that was reused by then).
+    """
+    table = _proc_table()
+    groups = set(pgids)
+    found = {pid: table[pid][2] for pid in set(pids) if pid in table}
+    found.update({pid: info[2] for pid, info in table.items() if info[1] in groups})
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _, start) in table.items():
+            if ppid in found and pid not in found:
+                found[pid] = start
+                changed = True
+    return found
+
+
+def _signal_all(services: Sequence[Service], known: Mapping[int, str], sig: int) -> None:
+    table = _proc_table()
+    for svc in services:
+        # A group id cannot be reused while the leader is unreaped or the group has members.
+        if svc.process.returncode is None or any(i[1] == svc.pid for i in table.values()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(svc.pid, sig)
+    for pid, start in known.items():
+        # Only signal a pid that still is the same process (guard against pid reuse).
+        if pid in table and table[pid][2] == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def stop_services(services: Sequence[Service], grace: float = DEFAULT_GRACE) -> None:
+    """Stop services with everything they spawned: SIGTERM, wait ``grace``, then SIGKILL.
+
+    Descendants are recorded before signalling, so grandchildren that moved to another
+    process group (or were re-parented when their parent died) are still found.
+    """
+    if not services:
+        return
+    for svc in services:
+        svc.poll()
+    # An unreaped leader's pid, and the id of a group with members, cannot have been reused.
+    known = _tree(
+        [svc.pid for svc in services if svc.process.returncode is None],
+        [svc.pid for svc in services],
+    )
+    _signal_all(services, known, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for svc in services:
+            svc.poll()
+        # A process spawned while its parent was shutting down is caught here too. Only
+        # pids that are provably still ours seed the search (pids get reused).
+        table = _proc_table()
+        seeds = [svc.pid for svc in services if svc.process.returncode is None]
+        seeds += [p for p, t in known.items() if p in table and table[p][2] == t]
+        fresh = {p: t for p, t in _tree(seeds, seeds).items() if p not in known}
+        if fresh:
+            known.update(fresh)
+            _signal_all([], fresh, signal.SIGTERM)
+        if all(not svc.alive() for svc in services) and not _alive(known):
+            break
+        time.sleep(0.1)
+    if any(svc.alive() for svc in services) or _alive(known):
+        _signal_all(services, known, signal.SIGKILL)
+    for svc in services:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            svc.process.wait(timeout=5)
+
+
+def _alive(known: Mapping[int, str]) -> bool:
+    table = _proc_table()
+    return any(pid in table and table[pid][2] == start for pid, start in known.items())
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+@dataclass
+class RunResult:
+    """Outcome of one submitted run."""
+
+    exit_code: int
+    run_id: str | None = None
+    status: str | None = None
+    details: str | None = None
+    seconds: float = 0.0
+
+
+class LocalDeployment:
+    """SuperLink + ServerApp SuperExec + N SuperNodes on 127.0.0.1; stopped on ``__exit__``.
+
+    ``start()`` runs every step; the individual steps are public so tests can assemble
+    unusual set-ups (an unregistered node, a wrong CA).
+    """
+
+    def __init__(
+        self,
+        work_dir: str | os.PathLike[str],
+        nodes: int = 2,
+        *,
+        port: int | None = None,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+        stream: StreamFn = print,
+        grace: float = DEFAULT_GRACE,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {nodes}")
+        if node_configs is not None and len(node_configs) != nodes:
+            raise ValueError(f"{len(node_configs)} node configs for {nodes} nodes")
+        self.work_dir = Path(work_dir).expanduser().resolve()
+        self.nodes = nodes
+        self.port = port
+        self._fixed_port = port is not None
+        self.node_configs = [dict(c) for c in node_configs] if node_configs else None
+        self.stream = stream
+        self.grace = grace
+        self.startup_timeout = startup_timeout
+        self.flwr_home = self.work_dir / "flwr-home"
+        self.log_dir = self.work_dir / "logs"
+        self.database = self.work_dir / "state.db"
+        self.env = child_env(self.flwr_home)
+        if extra_env:
+            self.env.update(extra_env)
+        self.certs: CertMaterial | None = None
+        self.services: dict[str, Service] = {}
+
+    # -- context manager ------------------------------------------------------------------
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- steps ----------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink (Fleet, Control and Runtime API share it)."""
+        if self.port is None:
+            raise DeployError("the SuperLink port is not chosen yet")
+        return f"{LOCALHOST}:{self.port}"
+
+    def start(self) -> LocalDeployment:
+        """Certificates, SuperLink, connection, registrations, SuperExec, SuperNodes."""
+        self.ensure_certs()
+        self.start_superlink()
+        self.write_connection()
+        self.start_superexec()  # needs no registration: overlap its start-up with it
+        self.register_nodes()
+        for i in range(self.nodes):
+            self.start_supernode(i)
+        self.wait_nodes_online(self.nodes)
+        return self
+
+    def ensure_certs(self) -> CertMaterial:
+        """CA, SuperLink certificate and one auth key per node in the work dir (reused)."""
+        for sub in ("", "flwr-home", "logs"):
+            (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.certs = ensure_certs(self.work_dir, nodes=self.nodes)
+        return self.certs
+
+    def _require_certs(self) -> CertMaterial:
+        return self.certs if self.certs is not None else self.ensure_certs()
+
+    def start_superlink(self, *, attempts: int = 3) -> Service:
+        """Start ``flower-superlink`` (TLS, node auth, process isolation) and wait for /health."""
+        certs = self._require_certs()
+        for attempt in range(1, attempts + 1):
+            if not self._fixed_port:
+                self.port = free_port()
+            assert self.port is not None
+            argv = [
+                _executable("flower-superlink"),
+                "--ssl-ca-certfile",
+                str(certs.ca_cert),
+                "--ssl-certfile",
+                str(certs.server_cert),
+                "--ssl-keyfile",
+                str(certs.server_key),
+                "--enable-supernode-auth",
+                "--database",
+                str(self.database),
+                "--isolation",
+                "process",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(self.port),
+            ]
+            svc = self._start("superlink", argv)
+            try:
+                self.wait_healthy(timeout=self.startup_timeout)
+                return svc
+            except DeployError:
+                if svc.alive() or self._fixed_port or attempt == attempts:
+                    raise
+                # Another process took the port between free_port() and the bind: retry.
+                self._log(f"SuperLink exited during start-up (attempt {attempt}); retrying")
+                del self.services["superlink"]
+        raise AssertionError("unreachable")
+
+    def wait_healthy(self, timeout: float = DEFAULT_STARTUP_TIMEOUT) -> None:
+        """Poll ``GET https://127.0.0.1:PORT/health``, verifying the server with our CA."""
+        certs = self._require_certs()
+        ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
+        url = f"https://{self.address}/health"
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            svc = self.services.get("superlink")
+            if svc is not None and not svc.alive():
+                raise DeployError(
+                    f"flower-superlink exited with status {svc.poll()} during start-up; "
+                    f"log {svc.log_path}:\n{svc.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = exc
+            time.sleep(0.2)
+        raise DeployError(f"SuperLink not healthy at {url} after {timeout:.0f}s: {last}")
+
+    def write_connection(self) -> Path:
+        """``$FLWR_HOME/config.toml`` with the ``local`` connection (address + CA)."""
+        certs = self._require_certs()
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        path = self.flwr_home / "config.toml"
+        path.write_text(
+            "# Written by fedsd up --local: the connection `flwr run ... local` uses.\n"
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f"[superlink.{CONNECTION}]\n"
+            f"address = {json.dumps(self.address)}\n"
+            f"root-certificates = {json.dumps(str(certs.ca_cert))}\n",
+            encoding="utf-8",
+        )
+        return path
+
+    def flwr(
+        self, *args: str, timeout: float = 60.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a ``flwr`` CLI command against this deployment (our FLWR_HOME)."""
+        argv = [_executable("flwr"), *args]
+        try:
+            res = subprocess.run(
+                argv,
+                env=self.env,
+                cwd=self.work_dir,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise DeployError(f"`flwr {' '.join(args)}` timed out after {timeout:.0f}s") from exc
+        if check and res.returncode != 0:
+            raise DeployError(
+                f"`flwr {' '.join(args)}` failed ({res.returncode}): {res.stdout}{res.stderr}"
+            )
+        return res
+
+    def register_nodes(self, keys: Sequence[NodeKey] | None = None) -> dict[str, str]:
+        """Register node public keys (concurrently: each flwr call costs ~2 s of start-up)."""
+        keys = list(keys if keys is not None else self._require_certs().node_keys)
+        argv_base = [_executable("flwr"), "supernode", "register"]
+        procs = [
+            subprocess.Popen(
+                [*argv_base, str(k.public_key), CONNECTION, "--format", "json"],
+                env=self.env,
+                cwd=self.work_dir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+            for k in keys
+        ]
+        results: dict[str, str] = {}
+        errors: list[str] = []
+        for key, proc in zip(keys, procs, strict=True):
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            try:
+                results[str(key.public_key)] = _register_outcome(proc.returncode, out, err)
+            except DeployError as exc:
+                errors.append(f"{key.public_key}: {exc}")
+        if errors:
+            raise DeployError("node registration failed:\n" + "\n".join(errors))
+        return results
+
+    def register_node(self, public_key: str | os.PathLike[str]) -> str:
+        """Register one key; returns ``registered`` or ``already registered`` (not an error)."""
+        res = self.flwr(
+            "supernode", "register", str(public_key), CONNECTION, "--format", "json", timeout=60
+        )
+        return _register_outcome(res.returncode, res.stdout, res.stderr)
+
+    def start_superexec(self) -> Service:
+        """The ServerApp executor for ``--isolation process``: polls the Runtime API for tasks.
+
+        In 1.41 SuperExec picks the executable from the task type (``--plugin-type`` is
+        deprecated and ignored) and installs no dependencies unless
+        ``--allow-runtime-dependency-installation`` is given.
+        """
+        certs = self._require_certs()
+        argv = [
+            _executable("flower-superexec"),
+            "--runtime-api-address",
+            self.address,
+            "--root-certificates",
+            str(certs.ca_cert),
+        ]
+        return self._start("superexec", argv)
+
+    def node_config(self, index: int) -> dict[str, Any]:
+        """``--node-config`` of SuperNode ``index`` (partition, and paths from the runner)."""
+        if self.node_configs is not None:
+            return dict(self.node_configs[index])
+        return {"partition-id": index, "num-partitions": self.nodes}
+
+    def start_supernode(
+        self,
+        index: int,
+        *,
+        node_config: Mapping[str, Any] | None = None,
+        private_key: str | os.PathLike[str] | None = None,
+        root_certificates: str | os.PathLike[str] | None = None,
+        runtime_port: int | None = None,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> Service:
+        """Start ``flower-supernode`` ``index`` with its auth key and own Runtime API port.
+
+        Each node gets its own FLWR_HOME: Flower installs the FAB there with a non-atomic
+        "mkdir, then copy" that would race between nodes sharing one home.
+        """
+        certs = self._require_certs()
+        config = dict(node_config) if node_config is not None else self.node_config(index)
+        key = private_key if private_key is not None else certs.node_keys[index].private_key
+        node_home = self.work_dir / "node-home" / f"node-{index}"
+        node_home.mkdir(parents=True, exist_ok=True)
+        argv = [
+            _executable("flower-supernode"),
+            "--superlink",
+            self.address,
+            "--root-certificates",
+            str(root_certificates or certs.ca_cert),
+            "--auth-supernode-private-key",
+            str(key),
+            "--isolation",
+            "subprocess",
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(runtime_port or free_port()),
+        ]
+        if config:
+            argv += ["--node-config", format_config_pairs(config)]
+        argv += list(extra_args)
+        env = {**self.env, "FLWR_HOME": str(node_home)}
+        return self._start(name or f"supernode-{index}", argv, env=env)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list`` as dicts (node-id, status, ...)."""
+        res = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+        payload = _json_payload(res.stdout)
+        if not payload or not payload.get("success"):
+            raise DeployError(f"`flwr supernode list` failed: {res.stdout}{res.stderr}")
+        return list(payload.get("nodes", []))
+
+    def wait_nodes_online(
+        self, count: int | None = None, timeout: float | None = None
+    ) -> dict[str, str]:
+        """Wait until the started SuperNodes are activated, so round 1 sees all of them.
+
+        A SuperNode logs ``SuperNode ID: <id>`` once the SuperLink accepted its key; reading
+        that from its log costs nothing, where each ``flwr supernode list`` costs ~2 s.
+        Returns ``{service name: node id}``.
+        """
+        timeout = self.startup_timeout if timeout is None else timeout
+        nodes = [s for s in self.services.values() if s.name.startswith("supernode")]
+        count = len(nodes) if count is None else count
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            ids = {}
+            for svc in nodes:
+                if m := _NODE_ID_RE.search(svc.log_since_start()):
+                    ids[svc.name] = m.group(1)
+            if len(ids) >= count:
+                self._log(f"{len(ids)} SuperNode(s) online")
+                return ids
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"only {len(ids)} of {count} SuperNodes online after {timeout:.0f}s"
+                )
+            time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        """Raise naming the first service that died (with the tail of its log)."""
+        for svc in self.services.values():
+            code = svc.poll()
+            if code is not None:
+                raise DeployError(
+                    f"{svc.name} exited with status {code}; log {svc.log_path}:\n{svc.log_tail()}"
+                )
+
+    def submit(
+        self,
+        app_dir: str | os.PathLike[str],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> RunResult:
+        """``flwr run APP local --stream``: relay its output, then read the run's final status.
+
+        ``flwr run --stream`` exits 0 even when the ServerApp fails, so the verdict comes
+        from ``flwr ls --run-id`` (``finished:completed`` or not).
+        """
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        argv = [_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
+        if overrides:
+            argv += ["--run-config", format_config_pairs(overrides)]
+        self._log(f"submitting: {' '.join(argv[1:])}")
+        run_log = self.log_dir / "flwr-run.log"
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=self.work_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        cli = Service("flwr-run", argv, run_log, proc)
+        lines: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+        reader.start()
+        run_id: str | None = None
+        try:
+            with run_log.open("a", encoding="utf-8") as log:
+                while True:
+                    try:
+                        line = lines.get(timeout=0.5)
+                    except queue.Empty:
+                        line = ""
+                    if line is None:
+                        break
+                    if line:
+                        log.write(line)
+                        log.flush()
+                        text = line.rstrip("\n")
+                        self.stream(text)
+                        if run_id is None and (m := _RUN_ID_RE.search(text)):
+                            run_id = m.group(1)
+                    if deadline is not None and time.monotonic() > deadline:
+                        self._log(f"run timed out after {timeout:.0f}s")
+                        return RunResult(EXIT_TIMEOUT, run_id, "timeout", None, timeout or 0)
+                    self.check_alive()
+            proc.wait(timeout=30)
+        finally:
+            stop_services([cli], grace=2.0)
+            reader.join(timeout=2)
+        if proc.returncode != 0 or run_id is None:
+            return RunResult(
+                proc.returncode or 1,
+                run_id,
+                "not-submitted",
+                f"`flwr run` exited with {proc.returncode}",
+                time.monotonic() - start,
+            )
+        status, details = self.wait_run_finished(run_id, deadline=deadline)
+        code = 0 if status == "finished:completed" else 1
+        if status is None:
+            code = EXIT_TIMEOUT
+        return RunResult(code, run_id, status, details, time.monotonic() - start)
+
+    def run_status(self, run_id: str) -> tuple[str | None, str | None]:
+        """``(status, status-details)`` of a run from ``flwr ls --run-id``."""
+        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        payload = _json_payload(res.stdout) or {}
+        for run in payload.get("runs", []):
+            if str(run.get("run-id")) == str(run_id):
+                return run.get("status"), run.get("status-details")
+        return None, None
+
+    def wait_run_finished(
+        self, run_id: str, *, deadline: float | None = None
+    ) -> tuple[str | None, str | None]:
+        """The stream ends with the run; still poll briefly in case the status lags behind."""
+        settle = time.monotonic() + 30
+        while True:
+            status, details = self.run_status(run_id)
+            if status and status.startswith("finished"):
+                return status, details
+            now = time.monotonic()
+            if now > settle or (deadline is not None and now > deadline):
+                return status, details
+            self.check_alive()
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        """Stop every service (and its ServerApp/ClientApp processes)."""
+        if not self.services:
+            return
+        with _shielded():
+            # Nodes first (they would otherwise log reconnect errors), then the rest.
+            nodes = [s for s in self.services.values() if s.name.startswith("supernode")]
+            others = [s for s in self.services.values() if s not in nodes]
+            stop_services(nodes, grace=self.grace)
+            stop_services(others, grace=self.grace)
+            self.services.clear()
+
+    def log_tails(self, lines: int = 15) -> str:
+        """Tails of what the running services logged in this deployment (failure reports)."""
+        chunks = []
+        for svc in self.services.values():
+            tail = "\n".join(svc.log_since_start().splitlines()[-lines:])
+            if tail:
+                chunks.append(f"----- {svc.log_path} (last {lines} lines) -----\n{tail}")
+        return "\n".join(chunks)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Service:
+        if name in self.services and self.services[name].alive():
+            raise DeployError(f"service {name} is already running")
+        svc = start_service(
+            name, argv, env=env or self.env, log_dir=self.log_dir, cwd=self.work_dir
+        )
+        self.services[name] = svc
+        self._log(f"started {name} (pid {svc.pid}), log {svc.log_path}")
+        return svc
+
+    def _log(self, message: str) -> None:
+        self.stream(f"fedsd up: {message}")
+
+
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+_NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
+
+
+def _pump(pipe: IO[bytes] | None, out: queue.Queue[str | None]) -> None:
+    if pipe is not None:
+        for raw in iter(pipe.readline, b""):
+            out.put(raw.decode("utf-8", "replace"))
+        pipe.close()
+    out.put(None)
+
+
+def _json_payload(text: str) -> dict[str, Any] | None:
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _register_outcome(returncode: int | None, stdout: str, stderr: str) -> str:
+    """Interpret ``flwr supernode register --format json`` (which exits 0 even on failure)."""
+    payload = _json_payload(stdout) or {}
+    if payload.get("success"):
+        return "registered"
+    message = str(payload.get("error-message", "")) + stdout + stderr
+    if "already in use" in message:
+        return "already registered"
+    raise DeployError(f"registration failed (exit {returncode}): {message.strip()}")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_local(
+    nodes: int,
+    shards: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str],
+    run_config_overrides: Mapping[str, Any] | str | Sequence[str] | None = None,
+    *,
+    rounds: int | None = None,
+    model: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    app_dir: str | os.PathLike[str] | None = None,
+    port: int | None = None,
+    stream: StreamFn = print,
+    timeout: float | None = None,
+    validate: bool = True,
+    grace: float = DEFAULT_GRACE,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    extra_env: Mapping[str, str] | None = None,
+) -> int:
+    """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
+
+    Raises ``ConfigError``/``ShardsError`` before any process starts when the run config or
+    the shards are wrong. Anything failing later (a service dying, the ServerApp raising, a
+    timeout, Ctrl-C/SIGTERM) returns non-zero after every process has been stopped;
+    ``shards=None`` skips the shard check and the shard-dir node config (apps without data).
+    """
+    app = Path(app_dir).expanduser().resolve() if app_dir is not None else find_app_dir()
+    if nodes < 1:
+        raise ConfigError(f"invalid --nodes {nodes}; expected >= 1")
+    overrides, _ = build_run_config(
+        app, run_config_overrides, rounds=rounds, model=model, out=out, validate=validate
+    )
+    shard_root = check_shards(shards, nodes) if shards is not None else None
+    out_path = Path(out).expanduser().resolve()
+    work = Path(work_dir).expanduser().resolve() if work_dir else out_path / ".deploy"
+    node_configs = []
+    for i in range(nodes):
+        config: dict[str, Any] = {"partition-id": i, "num-partitions": nodes}
+        if shard_root is not None:
+            config["shard-dir"] = str(shard_root / f"shard-{i}")
+        config["cache-dir"] = str(work / "cache" / f"node-{i}")
+        node_configs.append(config)
+
+    start = time.monotonic()
+    deployment = LocalDeployment(
+        work,
+        nodes,
+        port=port,
+        node_configs=node_configs,
+        stream=stream,
+        grace=grace,
+        startup_timeout=startup_timeout,
+        extra_env=extra_env,
+    )
+    with _signals_raise(), deployment:
+        try:
+            for cfg in node_configs:
+                Path(cfg["cache-dir"]).mkdir(parents=True, exist_ok=True)
+            deployment.start()
+            remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
+            result = deployment.submit(app, overrides, timeout=remaining)
+        except DeployError as exc:
+            stream(f"fedsd up: error: {exc}")
+            _report_logs(deployment, stream)
+            return 1
+        except KeyboardInterrupt:
+            stream("fedsd up: interrupted (Ctrl-C); stopping all services")
+            return EXIT_SIGINT
+        except _Interrupted as exc:
+            stream(f"fedsd up: got signal {exc.signum}; stopping all services")
+            return 128 + exc.signum
+        if result.exit_code == 0:
+            stream(f"fedsd up: run {result.run_id} {result.status} in {result.seconds:.1f}s")
+        else:
+            why = f": {result.details}" if result.details else ""
+            stream(f"fedsd up: run {result.run_id} ended as {result.status}{why}")
+            _report_logs(deployment, stream)
+        return result.exit_code
+
+
+def _report_logs(deployment: LocalDeployment, stream: StreamFn) -> None:
+    tails = deployment.log_tails()
+    if tails:
+        stream(tails)
+    stream(f"fedsd up: full logs in {deployment.log_dir}")
+
+
+def run_local_from_args(args: argparse.Namespace) -> int:
+    """``fedsd up`` entry point (parser built by ``fedsd.deploy_args.add_up_arguments``)."""
+    err = sys.stderr
+    if not args.local:
+        print(
+            "fedsd up: error: only local deployments are implemented: pass --local "
+            "(multi-machine deployments use the container images / manifests)",
+            file=err,
+        )
+        return 2
+    if args.shards is None:
+        print("fedsd up: error: --local needs --shards DIR (see `fedsd shards`)", file=err)
+        return 2
+    highlight = sys.stdout.isatty()
+
+    def stream(line: str) -> None:
+        if highlight and "fedsd round" in line:
+            line = f"\033[1m{line}\033[0m"
+        print(line, flush=True)
+
+    try:
+        return run_local(
+            args.nodes,
+            args.shards,
+            args.out,
+            args.run_config,
+            rounds=args.rounds,
+            model=args.model,
+            work_dir=args.work_dir,
+            app_dir=args.app_dir,
+            port=args.port,
+            stream=stream,
+            timeout=args.timeout,
+        )
+    except (ConfigError, FileNotFoundError, DeployError) as exc:
+        print(f"fedsd up: error: {exc}", file=err)
+        return 2
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore Ctrl-C/SIGTERM/SIGHUP while tearing down, so teardown always completes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception so teardown runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _has_flwr_app(pyproject: Path) -> bool:
+    try:
+        with pyproject.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(data.get("tool", {}).get("flwr", {}).get("app"), dict)
+
+
+def _flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables become dotted keys, as Flower's ``flatten_dict`` does."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def _toml_value(key: str, value: Any) -> str:
+    """A value as TOML that Flower's key=value regex keeps in one piece."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        if '"' not in value:
+            return json.dumps(value, ensure_ascii=False)
+        if "'" not in value and "\n" not in value:
+            return f"'{value}'"
+        raise ConfigError(
+            f"invalid run config: {key}={value!r}; a string value cannot contain both ' and \""
+        )
+    raise ConfigError(f"invalid run config: {key}={value!r}; expected a bool, int, float or string")

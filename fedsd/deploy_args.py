@@ -1,0 +1,65 @@
+"""Arguments of ``fedsd up``.
+
+Kept apart from ``fedsd.deploy`` and limited to argparse so that building the CLI parser
+(``fedsd --help``) never imports cryptography, Flower or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fedsd up`` options to ``parser``."""
+    parser.description = (
+        "Run a federation. --local starts a TLS SuperLink with SuperNode authentication, a "
+        "ServerApp SuperExec and N SuperNodes on 127.0.0.1, submits the app with "
+        "`flwr run --stream`, relays its log and stops every process at the end."
+    )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="run every Flower service on this machine (the only mode implemented so far)",
+    )
+    parser.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="num-server-rounds (default: the app's)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local pipeline directory (default: the app's `model`)",
+    )
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="directory with shard-0 .. shard-(N-1) written by `fedsd shards` (local mode)",
+    )
+    parser.add_argument("--out", required=True, help="run output directory (out-dir)")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="run-config overrides as TOML values, e.g. \"lora-rank=4 lora-variant='ffa'\" "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="certificates, SuperLink state, Flower home and service logs (default OUT/.deploy)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="SuperLink HTTPS port (default: a free port)"
+    )
+    parser.add_argument(
+        "--app-dir",
+        default=None,
+        help="Flower app directory (pyproject.toml with [tool.flwr.app]); default: fedsd's",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up (and stop everything) after this many seconds (default: no limit)",
+    )
