@@ -100,6 +100,29 @@ class RunDir:
         ] + [record]
         self._write_history()
 
+    def val_loss_pending(self, server_round: int) -> bool:
+        """Whether round ``server_round`` (0 = initial adapter) still lacks its val loss."""
+        if server_round == 0:
+            return "baseline_val_loss" not in self.history
+        return any(
+            int(r["round"]) == server_round
+            and r.get("val_loss") is None
+            and "eval_nodes_replied" not in r
+            for r in self.history["rounds"]
+        )
+
+    def set_val_loss(self, server_round: int, loss: float | None, nodes: int) -> None:
+        """Record the validation loss of round ``server_round``'s aggregate."""
+        if server_round == 0:
+            self.history["baseline_val_loss"] = loss
+            self.history["baseline_eval_nodes"] = nodes
+        else:
+            for r in self.history["rounds"]:
+                if int(r["round"]) == server_round:
+                    r["val_loss"] = loss
+                    r["eval_nodes_replied"] = nodes
+        self._write_history()
+
     def _write_history(self) -> None:
         path = self.root / HISTORY
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -36,14 +36,17 @@ def _setup(msg: Message, context: Context) -> tuple[object, int]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Start from the global adapter, train local epochs, return adapter and image count."""
+    """Score the global adapter, train local epochs on it, return adapter and image count."""
     t0 = time.perf_counter()
     task, server_round = _setup(msg, context)
+    val_loss, val_examples = task.evaluate()
     result, data = task.train(server_round)
     arrays = task.outgoing()
     metrics = MetricRecord(
         {
             "num-examples": result.images,
+            "val-loss": val_loss,
+            "val-examples": val_examples,
             "train-loss": result.loss,
             "train-steps": result.steps,
             "train-seconds": result.seconds,
@@ -63,7 +66,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation denoising loss of the global adapter at fixed timesteps and noise."""
     task, _ = _setup(msg, context)
     loss, n = task.evaluate()
-    metrics = MetricRecord({"num-examples": n, "val-loss": loss, "cache-hits": task.cache_hits})
+    metrics = MetricRecord(
+        {"num-examples": n, "val-loss": loss, "val-examples": n, "cache-hits": task.cache_hits}
+    )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

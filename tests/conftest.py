@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# One OpenMP thread per process: the tests run ServerApp, SuperNodes and ClientApps side
+# by side on a 2-core machine, where spinning OpenMP threads of several torch processes
+# slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

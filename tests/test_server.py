@@ -108,7 +108,13 @@ def test_rounds_write_adapters_and_history(tiny_model, tmp_path, shards):
     assert all(np.array_equal(latest[k], last[k]) for k in latest)
     first = load_adapter_arrays(out / "round-1")
     assert any(not np.array_equal(first[k], last[k]) for k in first)
-    assert ("evaluate", 101) in grid.sent and ("evaluate", 102) in grid.sent
+    # Round 1's messages score the initial adapter (the base model), round 2's score
+    # round 1's aggregate, and one final evaluate-only exchange scores round 2's.
+    assert hist["baseline_val_loss"] > 0 and hist["baseline_eval_nodes"] == 2
+    assert [r["eval_nodes_replied"] for r in hist["rounds"]] == [2, 2]
+    assert sorted(grid.sent) == sorted(
+        [("train", 101), ("train", 102)] * 2 + [("evaluate", 101), ("evaluate", 102)]
+    )
 
 
 def test_failed_node_is_counted_and_round_continues(tiny_model, tmp_path, shards):
@@ -119,6 +125,20 @@ def test_failed_node_is_counted_and_round_continues(tiny_model, tmp_path, shards
     (rec,) = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
     assert rec["nodes_sampled"] == 2 and rec["nodes_replied"] == 1 and rec["nodes_failed"] == 1
     assert rec["images"] == 8
+    assert rec["eval_nodes_replied"] == 2  # the final evaluation reaches the failed node too
+
+
+def test_nodes_not_sampled_still_evaluate(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **{"fraction-train": 0.5})
+    grid = InProcessGrid(contexts)
+    Federation(grid, RunConfig.from_mapping(rc)).run()
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [r["nodes_sampled"] for r in hist["rounds"]] == [1, 1]
+    assert [r["eval_nodes_replied"] for r in hist["rounds"]] == [2, 2]
+    round2 = grid.sent[2:4]
+    assert sorted(kind for kind, _ in round2) == ["evaluate", "train"]
 
 
 def test_too_few_replies_abort_without_touching_the_checkpoint(tiny_model, tmp_path, shards):
@@ -127,7 +147,9 @@ def test_too_few_replies_abort_without_touching_the_checkpoint(tiny_model, tmp_p
     rc, contexts = _setup(tiny_model, tmp_path, shards, **{"min-nodes": 2})
     with pytest.raises(RuntimeError, match="only 1 of 2"):
         Federation(InProcessGrid(contexts, fail_train={101}), RunConfig.from_mapping(rc)).run()
-    assert not (tmp_path / "out" / "history.json").exists()
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert hist["rounds"] == [] and not (tmp_path / "out" / "round-1").exists()
+    assert not (tmp_path / "out" / "latest").exists()
 
 
 def test_restart_resumes_from_the_last_round(tiny_model, tmp_path, shards):

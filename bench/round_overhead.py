@@ -1,0 +1,149 @@
+"""Per-round wall time of fedsd vs a bare Flower app with the same payload, one run each.
+
+Both go through the same real deployment (``fedsd up --local``: TLS SuperLink with node
+authentication, SuperExec, N SuperNodes, ``flwr run``) on this machine, back to back:
+
+* fedsd: tiny model, synthetic shards. Each round's ``seconds`` from history.json is
+  split into *local training* (the slowest node's ``train-seconds``) and *everything
+  else* (ClientApp process start, imports, model load, evaluation, Flower transport).
+* bare: ``tests/fixtures/bare_app``, one float32 array of exactly fedsd's payload size
+  (the LoRA tensors sent per node), echoed by every node: Flower's own floor.
+
+``overhead_ratio`` = fedsd's non-training seconds per round / bare seconds per round.
+Usage: ``python bench/round_overhead.py [--nodes 2] [--rounds 3]``; prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedsd.deploy import run_local  # noqa: E402
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_fedsd(work: Path, nodes: int, rounds: int, resolution: int) -> dict:
+    from fedsd.data import write_shards
+    from fedsd.model import write_tiny_pipeline
+
+    model = write_tiny_pipeline(work / "model")
+    write_shards(
+        source="synthetic",
+        num_shards=nodes,
+        partitioner="iid",
+        alpha=1.0,
+        val_fraction=0.2,
+        seed=0,
+        out=work / "shards",
+        synthetic_images=32 * nodes,
+    )
+    out = work / "fedsd-out"
+    t0 = time.perf_counter()
+    rc = run_local(
+        nodes,
+        work / "shards",
+        out,
+        f"resolution={resolution}",
+        rounds=rounds,
+        model=str(model),
+        work_dir=work / "fedsd-work",
+        stream=_log,
+        timeout=1800,
+    )
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"fedsd run failed with exit code {rc}")
+    hist = json.loads((out / "history.json").read_text())
+    rounds_ = hist["rounds"]
+    per_round = [r["seconds"] for r in rounds_]
+    train = [r["max_node_train_seconds"] for r in rounds_]
+    payload = rounds_[0]["bytes_received"] // rounds_[0]["nodes_replied"]
+    return {
+        "wall_seconds": wall,
+        "round_seconds": per_round,
+        "train_seconds": train,
+        "other_seconds": [a - b for a, b in zip(per_round, train, strict=True)],
+        "payload_bytes_per_node": payload,
+        "val_loss": [r["val_loss"] for r in rounds_],
+    }
+
+
+def run_bare(work: Path, nodes: int, rounds: int, payload_bytes: int) -> dict:
+    lines: list[str] = []
+
+    def stream(line: str) -> None:
+        lines.append(line)
+        _log(line)
+
+    floats = payload_bytes // 4
+    t0 = time.perf_counter()
+    rc = run_local(
+        nodes,
+        None,
+        work / "bare-out",
+        f"array-size={floats}",
+        rounds=rounds,
+        app_dir=ROOT / "tests" / "fixtures" / "bare_app",
+        work_dir=work / "bare-work",
+        stream=stream,
+        timeout=900,
+    )
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"bare run failed with exit code {rc}")
+    per_round = [
+        float(m.group(1))
+        for line in lines
+        if (m := re.search(r"fedsd round \d+/\d+: .*, ([0-9.]+)s$", line))
+    ]
+    return {"wall_seconds": wall, "round_seconds": per_round, "array_floats": floats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=64)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="fedsd-bench-") as tmp:
+        work = Path(tmp)
+        fedsd = run_fedsd(work, args.nodes, args.rounds, args.resolution)
+        bare = run_bare(work, args.nodes, args.rounds, fedsd["payload_bytes_per_node"])
+    other = statistics.mean(fedsd["other_seconds"])
+    bare_round = statistics.mean(bare["round_seconds"])
+    print(
+        json.dumps(
+            {
+                "benchmark": "round_overhead",
+                "nodes": args.nodes,
+                "rounds": args.rounds,
+                "cpu_count": os.cpu_count(),
+                "fedsd": fedsd,
+                "bare_flower": bare,
+                "fedsd_mean_round_seconds": statistics.mean(fedsd["round_seconds"]),
+                "fedsd_mean_train_seconds": statistics.mean(fedsd["train_seconds"]),
+                "fedsd_mean_other_seconds": other,
+                "bare_mean_round_seconds": bare_round,
+                "overhead_ratio": other / bare_round,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
