@@ -1,0 +1,271 @@
+"""Shared helpers for the fedsd benchmarks: models, data, environment, JSON output.
+
+Not a benchmark itself. Every benchmark prints exactly one JSON object to stdout (via
+:func:`emit`) and its progress to stderr (via :func:`say`), builds what it needs in a
+temporary directory, and never downloads anything.
+
+Models (``--model``):
+
+* ``tiny``: ``fedsd.model.write_tiny_pipeline``, a few-hundred-kB random pipeline.
+  Fast; its compute balance (VAE vs text encoder vs UNet) says nothing about a real
+  model.
+* ``sd-shape``: a *randomly initialised* pipeline with the real shapes: the Segmind
+  Tiny-SD / BK-SDM-Tiny UNet (323,384,964 parameters, checked when it is built), the
+  SD-1.x VAE (83.7M) and the CLIP ViT-L/14 text encoder (123M). Same FLOPs and memory
+  traffic as Tiny-SD, so timings transfer; losses do not (random weights).
+* a directory: any diffusers Stable Diffusion 1.x pipeline already on disk (for example
+  a saved copy of ``segmind/tiny-sd``), used as is.
+
+The model is written with ``StableDiffusionPipeline.save_pretrained`` and read back by
+fedsd's own loaders, so the real loading path is what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Offline and quiet before torch, diffusers, transformers or flwr are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+MODEL_KINDS = ("tiny", "sd-shape")
+# Segmind Tiny-SD (BK-SDM-Tiny): the UNet parameter count its shape must reproduce.
+TINY_SD_UNET_PARAMS = 323_384_964
+
+_T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (stdout is reserved for the JSON result)."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the benchmark's one JSON object to stdout."""
+    print(json.dumps(result, indent=2, default=_json_default), flush=True)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """``with timed() as t: ...`` then ``t["s"]`` holds the elapsed seconds."""
+    box: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["s"] = time.perf_counter() - start
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` torch threads (0: leave torch's default)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    env: dict[str, Any] = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """Round floats in nested lists/dicts to ``digits`` significant digits for the JSON."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(model: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
+    """Return (pipeline directory, kind) for ``--model`` (tiny, sd-shape or a directory)."""
+    from fedsd.model import resolve_model, write_tiny_pipeline
+
+    if model == "tiny":
+        return write_tiny_pipeline(work_dir / "tiny-model", seed=seed), "tiny"
+    if model == "sd-shape":
+        return write_sd_shape_pipeline(work_dir / "sd-shape-model", seed=seed), "sd-shape"
+    return Path(resolve_model(model)), "directory"
+
+
+def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """A random pipeline with Tiny-SD's UNet, the SD-1.x VAE and the ViT-L/14 text encoder.
+
+    NOT a real model (random weights). The tokenizer is fedsd's offline byte-level CLIP
+    BPE (no merges, 514 tokens): one token per byte instead of per word piece, which
+    only changes which of the 77 padded positions hold text, not the text encoder's
+    cost (it always runs on 77 positions).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from fedsd.model import _tiny_bpe_vocab
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    say("building a random sd-shape pipeline (Tiny-SD UNet, SD-1.x VAE, ViT-L/14 text)")
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        mid_block_type=None,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    n_unet = sum(p.numel() for p in unet.parameters())
+    if n_unet != TINY_SD_UNET_PARAMS:
+        raise AssertionError(f"sd-shape UNet has {n_unet:,} parameters, not Tiny-SD's")
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    vocab, merges = _tiny_bpe_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out))
+    (out / "README.md").write_text(
+        "# random sd-shape pipeline (bench/common.py)\n\nNOT A REAL MODEL: random weights "
+        "with Segmind Tiny-SD's shapes, for timing only.\n"
+    )
+    say(f"sd-shape pipeline written to {out}")
+    return out
+
+
+def component_parameters(model_path: Path) -> dict[str, int]:
+    """Parameter counts of the UNet, VAE and text encoder (configs only, no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(str(model_path), subfolder="unet")
+        )
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(model_path), subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(model_path / "text_encoder")))
+    return {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text))
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic_shards(
+    out: Path,
+    *,
+    num_shards: int,
+    images: int,
+    resolution: int,
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[Path], dict[str, Any]]:
+    """Write fedsd shards of the synthetic flower set; return shard dirs and manifest."""
+    from fedsd.data import write_shards
+
+    manifest = write_shards(
+        source="synthetic",
+        num_shards=num_shards,
+        partitioner=partitioner,
+        alpha=alpha,
+        val_fraction=val_fraction,
+        seed=seed,
+        out=out,
+        image_size=resolution,
+        synthetic_images=images,
+    )
+    return [out / s["name"] for s in manifest["shards"]], manifest
