@@ -33,5 +33,12 @@ lint: install
 test: lint
 	$(VENV)/bin/python -m pytest -q
 
+# Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.
+bench: install
+	mkdir -p runs
+	$(PY) bench/round_overhead.py > runs/bench-round-overhead.json
+	$(PY) bench/latent_cache.py > runs/bench-latent-cache.json
+	$(PY) bench/ffa_vs_lora.py > runs/bench-ffa-vs-lora.json
+
 clean:
 	rm -rf $(VENV) runs
