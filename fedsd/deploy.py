@@ -9,7 +9,8 @@ own process group and is stopped at the end, on failure, on Ctrl-C and on SIGTER
 Layout of the work directory (default ``OUT/.deploy``)::
 
     ca.crt superlink.crt/.key nodes/node-<i>[.pub]   fedsd.certs material
-    state.db                                         SuperLink state (node registrations)
+    state.db                                         SuperLink state of this deployment
+    state.previous.db                                the previous deployment's
     flwr-home/config.toml                            `local` connection for the flwr CLI
     node-home/node-<i>/                              each SuperNode's FLWR_HOME (FAB installs)
     cache/node-<i>/                                  node-config cache-dir
@@ -578,6 +579,7 @@ class LocalDeployment:
     def start(self) -> LocalDeployment:
         """Certificates, SuperLink, connection, registrations, SuperExec, SuperNodes."""
         self.ensure_certs()
+        self.rotate_database()
         self.start_superlink()
         self.write_connection()
         self.start_superexec()  # needs no registration: overlap its start-up with it
@@ -586,6 +588,25 @@ class LocalDeployment:
             self.start_supernode(i)
         self.wait_nodes_online(self.nodes)
         return self
+
+    def rotate_database(self) -> None:
+        """Start each deployment from fresh SuperLink state; keep the last one aside.
+
+        Flower 1.41 SuperNodes do not deactivate themselves on SIGTERM, so a previous
+        deployment's state still lists their keys as online for two heartbeat intervals
+        (60 s) and refuses to activate them again (ApiError 2004). Training resumes from
+        OUT (history.json and the round adapters), not from the link state, so nothing
+        is lost; the previous database stays readable as ``state.previous.db``.
+        """
+        if not self.database.exists():
+            return
+        previous = self.database.with_name("state.previous.db")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            old = Path(f"{self.database}{suffix}")
+            target = Path(f"{previous}{suffix}")
+            target.unlink(missing_ok=True)
+            if old.exists():
+                old.replace(target)
 
     def ensure_certs(self) -> CertMaterial:
         """CA, SuperLink certificate and one auth key per node in the work dir (reused)."""
