@@ -137,15 +137,9 @@ def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
     cost (it always runs on 77 positions).
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fedsd.model import _tiny_bpe_vocab
+    from fedsd.model import write_random_pipeline
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -177,47 +171,20 @@ def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
         sample_size=512,
         scaling_factor=0.18215,
     )
-    vocab, merges = _tiny_bpe_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out))
-    (out / "README.md").write_text(
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    }
+    readme = (
         "# random sd-shape pipeline (bench/common.py)\n\nNOT A REAL MODEL: random weights "
         "with Segmind Tiny-SD's shapes, for timing only.\n"
     )
+    write_random_pipeline(out, unet=unet, vae=vae, text_config=text, readme=readme)
     say(f"sd-shape pipeline written to {out}")
     return out
 

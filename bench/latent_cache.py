@@ -154,7 +154,7 @@ def reference_train(
     import torch
     import torch.nn.functional as F
 
-    from fedsd.training import _target, autocast_for
+    from fedsd.training import autocast_for, noise_target
 
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
@@ -184,7 +184,7 @@ def reference_train(
             noisy = scheduler.add_noise(latents, noise, t)
             with autocast_for(device):
                 pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float())
+            loss = F.mse_loss(pred.float(), noise_target(scheduler, latents, noise, t).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fedsd.data import load_split
     from fedsd.model import get_lora_state, init_lora_arrays, set_lora_state
     from fedsd.task import NodeSettings, NodeTask
-    from fedsd.training import LatentCache, _image_tensor, encode_split, train_lora
+    from fedsd.training import LatentCache, encode_split, image_tensor, train_lora
 
     with tempfile.TemporaryDirectory(prefix="fedsd-bench-cache-") as tmp:
         work = Path(tmp)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text_encoder.requires_grad_(False).to(device).eval()
 
         # The baseline's preprocessing, done once and not timed (generous to it).
-        pixels = _image_tensor(split.images, args.resolution)
+        pixels = image_tensor(split.images, args.resolution)
         input_ids = tokenizer(
             split.prompts,
             padding="max_length",

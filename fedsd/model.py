@@ -293,15 +293,8 @@ def write_tiny_pipeline(out: str | Path, seed: int = 0) -> Path:
     and tested offline in seconds on a CPU.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    out = Path(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -326,18 +319,39 @@ def write_tiny_pipeline(out: str | Path, seed: int = 0) -> Path:
         norm_num_groups=4,
         sample_size=64,
     )
-    vocab, merges = _tiny_bpe_vocab()
-    # transformers 5 ignores vocab_file=/merges_file=: pass the vocabulary itself.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 32,
+    }
+    readme = (
+        "# fedsd tiny random pipeline\n\nNOT A REAL MODEL: random weights, for smoke runs "
+        "and tests only. Made by `fedsd tiny-model`.\n"
+    )
+    return write_random_pipeline(out, unet=unet, vae=vae, text_config=text, readme=readme)
+
+
+def write_random_pipeline(
+    out: str | Path, *, unet: Any, vae: Any, text_config: dict[str, Any], readme: str
+) -> Path:
+    """Save a StableDiffusionPipeline around the given (random) UNet and VAE.
+
+    Adds a CLIP text encoder built from ``text_config`` (with the byte-level tokenizer's
+    vocabulary), an SD-1.x PNDM scheduler, no safety checker, and a README saying what
+    the model is. Shared by ``fedsd tiny-model`` and the benchmarks' Tiny-SD-shaped model.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    tokenizer = byte_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = {"vocab_size": len(vocab), "max_position_embeddings": 77, **text_config}
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
+            **config,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
@@ -363,14 +377,23 @@ def write_tiny_pipeline(out: str | Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out))
-    (out / "README.md").write_text(
-        "# fedsd tiny random pipeline\n\nNOT A REAL MODEL: random weights, for smoke runs and "
-        "tests only. Made by `fedsd tiny-model`.\n"
-    )
+    (out / "README.md").write_text(readme)
     return out
 
 
-def _tiny_bpe_vocab() -> tuple[dict[str, int], list[str]]:
+def byte_clip_tokenizer() -> Any:
+    """An offline byte-level CLIP tokenizer (no merges: one token per byte).
+
+    transformers 5 ignores ``vocab_file=``/``merges_file=``, so the vocabulary is passed
+    in directly.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _byte_bpe_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _byte_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """A byte-level CLIP BPE vocabulary with no merges: every byte is a token."""
     # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest
     # to code points from 256 upwards, so every byte has a visible character.

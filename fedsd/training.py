@@ -120,7 +120,7 @@ class LatentCache:
         tmp.replace(p)
 
 
-def _image_tensor(images: list[Any], resolution: int) -> torch.Tensor:
+def image_tensor(images: list[Any], resolution: int) -> torch.Tensor:
     """PIL images -> [-1, 1] tensors, resized (shorter side) and centre-cropped."""
     import numpy as np
     from PIL import Image
@@ -159,7 +159,7 @@ def encode_split(
     text_encoder.to(device).eval()
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        pixels = _image_tensor(images[start : start + batch_size], resolution).to(device)
+        pixels = image_tensor(images[start : start + batch_size], resolution).to(device)
         pair = torch.stack([pixels, torch.flip(pixels, dims=[3])], dim=1)  # [B, 2, 3, H, W]
         with autocast_for(device):
             dist = vae.encode(pair.flatten(0, 1)).latent_dist
@@ -208,7 +208,8 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Any:
+def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: Any) -> Any:
+    """What the UNet learns to predict: the noise, or v for v-prediction schedulers."""
     pred_type = scheduler.config.prediction_type
     if pred_type == "epsilon":
         return noise
@@ -254,7 +255,7 @@ def train_lora(
             noisy = scheduler.add_noise(latents, noise, t)
             with autocast_for(device):
                 pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), _target(scheduler, latents, noise, t).float())
+            loss = F.mse_loss(pred.float(), noise_target(scheduler, latents, noise, t).float())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {steps}: {loss}")
             optimizer.zero_grad(set_to_none=True)
@@ -305,7 +306,7 @@ def validation_loss(
             noisy = scheduler.add_noise(latents, noise_d, t_d)
             with autocast_for(device):
                 pred = unet(noisy, t_d, encoder_hidden_states=cond.to(device), return_dict=False)[0]
-            target = _target(scheduler, latents, noise_d, t_d)
+            target = noise_target(scheduler, latents, noise_d, t_d)
             per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             total += float(per.sum())
             count += int(per.numel())
