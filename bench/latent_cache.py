@@ -152,9 +152,8 @@ def reference_train(
     import time
 
     import torch
-    import torch.nn.functional as F
 
-    from fedsd.training import autocast_for, noise_target
+    from fedsd.training import autocast_for, denoising_loss
 
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
@@ -181,10 +180,7 @@ def reference_train(
             cond = cond.float()
             noise = torch.randn(latents.shape, generator=gen).to(device)
             t = torch.randint(0, num_t, (latents.shape[0],), generator=gen).to(device)
-            noisy = scheduler.add_noise(latents, noise, t)
-            with autocast_for(device):
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise_target(scheduler, latents, noise, t).float())
+            loss = denoising_loss(unet, scheduler, latents, noise, t, cond, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -105,9 +105,7 @@ class RunDir:
         if server_round == 0:
             return "baseline_val_loss" not in self.history
         return any(
-            int(r["round"]) == server_round
-            and r.get("val_loss") is None
-            and "eval_nodes_replied" not in r
+            int(r["round"]) == server_round and "eval_nodes_replied" not in r
             for r in self.history["rounds"]
         )
 

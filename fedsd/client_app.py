@@ -21,9 +21,8 @@ app = ClientApp()
 
 def _setup(msg: Message, context: Context) -> tuple[object, int]:
     from fedsd.config import RunConfig
-    from fedsd.task import NodeSettings, NodeTask, set_threads
+    from fedsd.task import NodeSettings, NodeTask
 
-    set_threads()
     cfg = RunConfig.from_mapping(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     task = NodeTask(cfg, node)

@@ -286,7 +286,7 @@ def node_thread_env(nodes: int, base: Mapping[str, str]) -> dict[str, str]:
     if "OMP_NUM_THREADS" in base:
         return {}
     threads = str(max(1, (os.cpu_count() or 1) // max(1, nodes)))
-    return {"OMP_NUM_THREADS": threads, "FEDSD_TORCH_THREADS": threads}
+    return {"OMP_NUM_THREADS": threads}  # torch sizes its intra-op pool from it
 
 
 def _executable(name: str) -> str:

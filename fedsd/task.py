@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedsd.config import RunConfig
 from fedsd.data import load_split, resolve_shard_dir, split_fingerprint
@@ -80,6 +79,9 @@ class NodeTask:
         self.device = pick_device(node.device)
         self.model_path = resolve_model(node.model or cfg.model)
         self.cache = LatentCache(node.cache_dir)
+        self.encoder_fingerprint = model_fingerprint(
+            self.model_path, "vae", "text_encoder", "tokenizer"
+        )
         self.cache_hits = 0
         self._encoders: tuple[Any, Any, Any] | None = None
         from diffusers import AutoencoderKL, DDPMScheduler
@@ -94,8 +96,9 @@ class NodeTask:
         split_dir = self.node.shard_dir / split
         if not (split_dir / "metadata.jsonl").is_file():
             raise FileNotFoundError(f"shard split {split_dir} has no metadata.jsonl")
-        model_fp = model_fingerprint(self.model_path, "vae", "text_encoder", "tokenizer")
-        key = self.cache.key(model_fp, self.cfg.resolution, split_fingerprint(split_dir))
+        key = self.cache.key(
+            self.encoder_fingerprint, self.cfg.resolution, split_fingerprint(split_dir)
+        )
         hit = self.cache.load(key)
         if hit is not None:
             self.cache_hits += 1
@@ -179,10 +182,3 @@ class NodeTask:
             scaling_factor=self.scaling_factor,
         )
         return loss, len(data)
-
-
-def set_threads() -> None:
-    """Use the cores this process is given (CPU nodes share a machine in local runs)."""
-    n = os.environ.get("FEDSD_TORCH_THREADS")
-    if n:
-        torch.set_num_threads(int(n))

@@ -252,10 +252,7 @@ def train_lora(
             noise = torch.randn(latents.shape, generator=gen).to(device)
             t = torch.randint(0, num_t, (latents.shape[0],), generator=gen).to(device)
             cond = data.text_embeds[data.prompt_index[idx]].float().to(device)
-            noisy = scheduler.add_noise(latents, noise, t)
-            with autocast_for(device):
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise_target(scheduler, latents, noise, t).float())
+            loss = denoising_loss(unet, scheduler, latents, noise, t, cond, device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {steps}: {loss}")
             optimizer.zero_grad(set_to_none=True)
@@ -269,6 +266,27 @@ def train_lora(
     return TrainResult(
         loss=total / max(seen, 1), steps=steps, images=seen, seconds=time.perf_counter() - start
     )
+
+
+def denoising_loss(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    device: torch.device,
+    *,
+    per_sample: bool = False,
+) -> torch.Tensor:
+    """The diffusion training objective: noise the latents at ``t``, predict, MSE to the
+    epsilon (or v) target. Mean over the batch, or one value per sample."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    with autocast_for(device):
+        pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+    target = noise_target(scheduler, latents, noise, t)
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return err.mean(dim=(1, 2, 3)) if per_sample else err.mean()
 
 
 @torch.no_grad()
@@ -302,12 +320,16 @@ def validation_loss(
         for t_val in timesteps:
             noise = torch.randn(mean.shape, generator=gen)
             t = t_val.repeat(mean.shape[0])
-            latents, noise_d, t_d = mean.to(device), noise.to(device), t.to(device)
-            noisy = scheduler.add_noise(latents, noise_d, t_d)
-            with autocast_for(device):
-                pred = unet(noisy, t_d, encoder_hidden_states=cond.to(device), return_dict=False)[0]
-            target = noise_target(scheduler, latents, noise_d, t_d)
-            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            per = denoising_loss(
+                unet,
+                scheduler,
+                mean.to(device),
+                noise.to(device),
+                t.to(device),
+                cond.to(device),
+                device,
+                per_sample=True,
+            )
             total += float(per.sum())
             count += int(per.numel())
     unet.train()
