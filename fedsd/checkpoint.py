@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ class ResumeError(RuntimeError):
 
 def _identity(cfg: RunConfig) -> dict[str, Any]:
     m = cfg.to_mapping()
-    return {k: m[k] for k in IDENTITY_KEYS}
+    out = {k: m[k] for k in IDENTITY_KEYS}
+    out["privacy"] = cfg.privacy.privacy  # a guarantee must not change mid-run
+    return out
 
 
 @dataclass
@@ -66,9 +69,21 @@ class RunDir:
                     "use another out-dir or the same settings to resume it"
                 )
         if not rd.history.get("rounds"):
-            rd.history = {"identity": _identity(cfg), "created": time.time(), "rounds": []}
+            rd.history = {
+                "identity": _identity(cfg),
+                "created": time.time(),
+                "run_key": secrets.token_hex(8),
+                "rounds": [],
+            }
+        rd.history.setdefault("run_key", secrets.token_hex(8))
         rd.history["config"] = cfg.to_mapping()
         return rd
+
+    @property
+    def run_key(self) -> str:
+        """This run's key: nodes keep their privacy ledgers per run key, so a resumed run
+        keeps accumulating epsilon and a new run in a new OUT starts from zero."""
+        return str(self.history["run_key"])
 
     @property
     def completed_rounds(self) -> int:

@@ -75,6 +75,13 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clientapp_launcher(args: argparse.Namespace) -> int:
+    from fedsd.warmstart import DEFAULT_PRELOAD, serve
+
+    serve(args.socket, args.preload or DEFAULT_PRELOAD)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -129,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", default=[], help="extra SAN (repeatable)")
     p.add_argument("--nodes", type=int, default=2)
     p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser(
+        "clientapp-launcher",
+        help="fork each flwr-clientapp of a SuperNode from a process with torch imported",
+        description="Import torch, diffusers, peft and opacus once, then fork a "
+        "flwr-clientapp per request on SOCKET. A SuperNode uses it when the shim written by "
+        "fedsd.warmstart.install_shim is first on its PATH and FEDSD_CLIENTAPP_SOCKET=SOCKET.",
+    )
+    p.add_argument("--socket", required=True, help="unix socket path to listen on")
+    p.add_argument(
+        "--preload", nargs="*", default=None, help="modules to import first (default: fedsd's)"
+    )
+    p.set_defaults(func=_cmd_clientapp_launcher)
     return parser
 
 

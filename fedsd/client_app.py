@@ -4,73 +4,151 @@ A SuperNode starts a fresh process for every message, so this module imports onl
 Flower at import time; torch and diffusers come in with ``fedsd.task`` inside the
 handlers.
 
-Messages carry ``arrays`` (the global LoRA tensors) and ``config`` (``server-round``,
-and under FFA-LoRA ``lora-a-digest``). Train replies carry the node's tensors and
-``metrics`` with ``num-examples`` = images trained on (what FedAvg weights by).
+Messages carry ``adapter`` (the global LoRA tensors as one flat vector, see
+``fedsd.payload``) and ``config`` (``server-round``, ``run-key``, and under FFA-LoRA
+``lora-a-digest``). A train reply carries the node's *update* (its adapter minus the global
+one, after the privacy mode's clipping and noise), ``metrics`` with ``num-examples`` (the
+FedAvg weight) and ``privacy`` (the node's privacy records as JSON).
+
+Under SecAgg+ the ServerApp runs Flower's ``SecAggPlusWorkflow``, whose messages use the
+legacy FitIns/FitRes layout; ``secaggplus_mod`` handles its key-exchange stages itself and
+calls the train handler only in the masked-vector stage, which then answers in FitRes
+form: parameters = [update], num_examples = weight, metrics = metrics + privacy.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-app = ClientApp()
+from fedsd.payload import FLAT
+
+SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants
 
 
-def _setup(msg: Message, context: Context) -> tuple[object, int]:
+def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for the train messages of a SecAgg+ round only (it
+    rejects any train message without its stage key, i.e. every non-SecAgg run's)."""
+    if msg.metadata.message_type == "train" and SECAGG_RECORD in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secagg_when_asked])
+
+LEGACY_PARAMS = "fitins.parameters"
+
+
+def _incoming(msg: Message) -> tuple[Any, dict[str, Any], bool]:
+    """(flat global adapter, config, legacy?) from our layout or SecAgg+'s FitIns."""
+    content = msg.content
+    if LEGACY_PARAMS in content.array_records:
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+        fitins = recorddict_to_fitins(content, keep_input=True)
+        (flat,) = parameters_to_ndarrays(fitins.parameters)
+        return flat, dict(fitins.config), True
+    flat = content.array_records["adapter"][FLAT].numpy()
+    return flat, dict(content.config_records.get("config", {})), False
+
+
+def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bool]:
     from fedsd.config import RunConfig
     from fedsd.task import NodeSettings, NodeTask
 
     cfg = RunConfig.from_mapping(context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     task = NodeTask(cfg, node)
-    config = msg.content.config_records.get("config", {})
-    arrays = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+    flat, config, legacy = _incoming(msg)
     digest = config.get("lora-a-digest")
-    task.load_global(arrays, str(digest) if digest else None)
-    return task, int(config.get("server-round", 0))
+    task.load_global_flat(flat, str(digest) if digest else None)
+    return task, int(config.get("server-round", 0)), config, legacy
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Score the global adapter, train local epochs on it, return adapter and image count."""
+    """Score the global adapter, train on it (privately if asked), return the update."""
+    from fedsd.node_privacy import NodePrivacy, records_json
+    from fedsd.payload import pack
+    from fedsd.training import train_images
+
     t0 = time.perf_counter()
-    task, server_round = _setup(msg, context)
+    task, server_round, config, legacy = _setup(msg, context)
     val_loss, val_examples = task.evaluate()
-    result, data = task.train(server_round)
-    arrays = task.outgoing()
-    metrics = MetricRecord(
+    run_key = str(config.get("run-key", "default"))
+    privacy = NodePrivacy(task.cfg, task.node.cache_dir, run_key, context.node_id)
+    start = task.outgoing()
+    data = task.encoded("train")
+    n_train = train_images(data, task.cfg)
+    plan = privacy.plan_dp_sgd(n_train) if n_train else None
+    records = []
+    if plan is not None and plan.budget_spent:
+        result = None  # the budget is spent: no training, no update
+        records.append(privacy.dp_sgd_record(plan, []))
+    else:
+        result = task.train(server_round, plan)
+        if plan is not None:
+            records.append(privacy.dp_sgd_record(plan, result.dp_history))
+    trained = task.outgoing()
+    update = {k: trained[k] - start[k] for k in start}
+    if result is not None:  # a node with its budget spent releases nothing (weight 0)
+        update, released = privacy.release(update, server_round)
+        records += released
+    weight = 0 if result is None else privacy.weight(result.images, n_train)
+    metrics: dict[str, Any] = {
+        "num-examples": weight,
+        "val-loss": val_loss,
+        "val-examples": val_examples,
+        "train-loss": result.loss if result else float("nan"),
+        "train-steps": result.steps if result else 0,
+        "train-seconds": result.seconds if result else 0.0,
+        "images-per-second": result.images_per_second if result else 0.0,
+        "shard-images": len(data),
+        "skipped-images": data.skipped,
+        "cache-hits": task.cache_hits,
+        "dp-budget-spent": int(result is None),
+        "node-seconds": time.perf_counter() - t0,
+    }
+    flat = pack(update)
+    if legacy:
+        return _fitres_reply(msg, flat, weight, metrics, records_json(records))
+    content = RecordDict(
         {
-            "num-examples": result.images,
-            "val-loss": val_loss,
-            "val-examples": val_examples,
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-seconds": result.seconds,
-            "images-per-second": result.images_per_second,
-            "shard-images": len(data),
-            "skipped-images": data.skipped,
-            "cache-hits": task.cache_hits,
-            "node-seconds": time.perf_counter() - t0,
+            "update": ArrayRecord(array_dict={FLAT: Array(flat)}),
+            "metrics": MetricRecord(metrics),
+            "privacy": ConfigRecord({"records": records_json(records)}),
         }
     )
-    content = RecordDict({"arrays": to_record(arrays), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _fitres_reply(
+    msg: Message, flat: Any, weight: int, metrics: dict[str, Any], privacy: str
+) -> Message:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([flat]),
+        num_examples=int(weight),
+        metrics={**metrics, "privacy": privacy},
+    )
+    return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation denoising loss of the global adapter at fixed timesteps and noise."""
-    task, _ = _setup(msg, context)
+    task, _, _, _ = _setup(msg, context)
     loss, n = task.evaluate()
     metrics = MetricRecord(
         {"num-examples": n, "val-loss": loss, "val-examples": n, "cache-hits": task.cache_hits}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-def to_record(arrays: dict) -> ArrayRecord:
-    """Named numpy arrays -> ArrayRecord, keeping names and order."""
-    return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})

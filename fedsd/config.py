@@ -44,11 +44,23 @@ class RunConfig:
     out_dir: str = "fedsd-out"
     round_timeout: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # fedsd.privacy.PrivacyConfig, built from the privacy keys of the same mapping
+    privacy: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.privacy is None:
+            from fedsd.privacy import PrivacyConfig
+
+            object.__setattr__(self, "privacy", PrivacyConfig())
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build and validate from a Flower run config (kebab-case keys)."""
-        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {
+            f.name.replace("_", "-"): f
+            for f in dataclasses.fields(cls)
+            if f.name not in ("extra", "privacy")
+        }
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in raw.items():
@@ -57,7 +69,9 @@ class RunConfig:
                 extra[key] = value
                 continue
             values[f.name] = _coerce(key, value, f.type)
-        cfg = cls(**values, extra=extra)
+        from fedsd.privacy import PrivacyConfig
+
+        cfg = cls(**values, extra=extra, privacy=PrivacyConfig.from_mapping(extra))
         cfg.validate()
         return cfg
 
@@ -65,7 +79,7 @@ class RunConfig:
         """The kebab-case mapping Flower uses (round-trips through ``from_mapping``)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "privacy"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):
@@ -119,6 +133,13 @@ class RunConfig:
         _require(self.max_train_images >= 0, "max-train-images", self.max_train_images, ">= 0")
         _require(self.out_dir.strip() != "", "out-dir", self.out_dir, "a directory path")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        if self.privacy is not None and "secagg" in self.privacy.components:
+            _require(
+                self.min_nodes >= 2,
+                "min-nodes",
+                self.min_nodes,
+                f">= 2 with privacy={self.privacy.privacy!r} (SecAgg+ needs 2+ nodes per round)",
+            )
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

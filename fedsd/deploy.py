@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -192,6 +194,7 @@ def build_run_config(
     model: str | None = None,
     out: str | os.PathLike[str] | None = None,
     validate: bool = True,
+    privacy: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``(overrides, effective)`` for a run; refuse bad values before anything starts.
 
@@ -209,6 +212,8 @@ def build_run_config(
         merged = parse_run_config(overrides)
     if rounds is not None:
         merged["num-server-rounds"] = rounds
+    if privacy is not None:
+        merged["privacy"] = privacy
     if model is not None:
         path = Path(model).expanduser()
         merged["model"] = str(path.resolve()) if path.is_dir() else model
@@ -226,6 +231,18 @@ def build_run_config(
     if validate:
         RunConfig.from_mapping(effective)
     return merged, effective
+
+
+def check_privacy_for_nodes(cfg: RunConfig, nodes: int) -> None:
+    """Refuse, before anything starts, a privacy setting these ``nodes`` cannot run."""
+    if "secagg" not in cfg.privacy.components:
+        return
+    from fedsd.privacy import check_secagg
+
+    if nodes < 2:
+        raise ConfigError(f"privacy={cfg.privacy.privacy!r} needs at least 2 nodes, got {nodes}")
+    sampled = min(nodes, max(cfg.min_nodes, math.ceil(cfg.fraction_train * nodes)))
+    check_secagg(sampled, cfg.privacy)
 
 
 def check_shards(shards: str | os.PathLike[str], nodes: int) -> Path:
@@ -532,6 +549,7 @@ class LocalDeployment:
         grace: float = DEFAULT_GRACE,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         extra_env: Mapping[str, str] | None = None,
+        warm_clientapps: bool = True,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -553,6 +571,7 @@ class LocalDeployment:
             self.env.update(extra_env)
         self.certs: CertMaterial | None = None
         self.services: dict[str, Service] = {}
+        self.warm_clientapps = warm_clientapps
 
     # -- context manager ------------------------------------------------------------------
 
@@ -820,7 +839,28 @@ class LocalDeployment:
             argv += ["--node-config", format_config_pairs(config)]
         argv += list(extra_args)
         env = {**self.env, "FLWR_HOME": str(node_home), **node_thread_env(self.nodes, self.env)}
+        if self.warm_clientapps:
+            env.update(self.start_clientapp_launcher(index, env))
         return self._start(name or f"supernode-{index}", argv, env=env)
+
+    def start_clientapp_launcher(self, index: int, env: Mapping[str, str]) -> dict[str, str]:
+        """Start node ``index``'s warm ClientApp launcher (``fedsd.warmstart``); return
+        what the SuperNode's environment needs to use it (the shim first on PATH, the socket).
+
+        Until the launcher listens (it imports torch first) the shim runs the plain
+        ``flwr-clientapp``, so the SuperNode does not wait for it.
+        """
+        from fedsd.warmstart import SOCKET_ENV, install_shim
+
+        shim_dir = install_shim(self.work_dir / "bin").parent
+        sock = self.work_dir / "run" / f"clientapp-{index}.sock"
+        if len(str(sock)) > 100:  # AF_UNIX paths are limited to 107 bytes
+            digest = hashlib.sha256(str(self.work_dir).encode()).hexdigest()[:12]
+            sock = Path(tempfile.gettempdir()) / f"fedsd-{digest}" / f"clientapp-{index}.sock"
+        argv = [sys.executable, "-m", "fedsd.cli", "clientapp-launcher", "--socket", str(sock)]
+        self._start(f"clientapp-launcher-{index}", argv, env=env)
+        path = os.pathsep.join([str(shim_dir), env.get("PATH", "")])
+        return {SOCKET_ENV: str(sock), "PATH": path}
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list`` as dicts (node-id, status, ...)."""
@@ -1055,6 +1095,7 @@ def run_local(
     grace: float = DEFAULT_GRACE,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     extra_env: Mapping[str, str] | None = None,
+    privacy: str | None = None,
 ) -> int:
     """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
 
@@ -1066,9 +1107,17 @@ def run_local(
     app = Path(app_dir).expanduser().resolve() if app_dir is not None else find_app_dir()
     if nodes < 1:
         raise ConfigError(f"invalid --nodes {nodes}; expected >= 1")
-    overrides, _ = build_run_config(
-        app, run_config_overrides, rounds=rounds, model=model, out=out, validate=validate
+    overrides, effective = build_run_config(
+        app,
+        run_config_overrides,
+        rounds=rounds,
+        model=model,
+        out=out,
+        validate=validate,
+        privacy=privacy,
     )
+    if validate:
+        check_privacy_for_nodes(RunConfig.from_mapping(effective), nodes)
     shard_root = check_shards(shards, nodes) if shards is not None else None
     out_path = Path(out).expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir else out_path / ".deploy"
@@ -1152,6 +1201,7 @@ def run_local_from_args(args: argparse.Namespace) -> int:
             args.run_config,
             rounds=args.rounds,
             model=args.model,
+            privacy=args.privacy,
             work_dir=args.work_dir,
             app_dir=args.app_dir,
             port=args.port,

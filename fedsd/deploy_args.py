@@ -37,6 +37,14 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="run output directory (out-dir)")
     parser.add_argument(
+        "--privacy",
+        default=None,
+        metavar="MODE",
+        help="privacy mode: none, secagg, dp-sample, dp-output, dp-central, or a combination "
+        "such as secagg+dp-sample (sets the `privacy` run-config key; its parameters go in "
+        '--run-config, e.g. "dp-target-epsilon=8")',
+    )
+    parser.add_argument(
         "--run-config",
         action="append",
         default=[],

@@ -167,6 +167,24 @@ def _as_str(key: str, value: Any) -> str:
     return value.strip().lower()
 
 
+#: Opacus grad-sample modes fedsd supports (ghost clipping needs a per-sample criterion,
+#: which fedsd's training loop does not use). Default chosen by ``bench/dp_modes.py``.
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+
+# Keys without a default: pyproject.toml declares them as 0 (TOML has no null), read as unset.
+_ZERO_IS_UNSET = frozenset(
+    {
+        "dp-output-clip",
+        "dp-output-epsilon",
+        "dp-output-delta",
+        "dp-central-noise-multiplier",
+        "dp-central-clip",
+        "secagg-num-shares",
+        "secagg-reconstruction-threshold",
+    }
+)
+
 # kebab key -> (field name, coercion)
 _KEYS = {
     "privacy": ("privacy", _as_str),
@@ -174,6 +192,7 @@ _KEYS = {
     "dp-delta": ("dp_delta", _as_float),
     "dp-noise-multiplier": ("dp_noise_multiplier", _as_float),
     "dp-max-grad-norm": ("dp_max_grad_norm", _as_float),
+    "dp-grad-sample-mode": ("dp_grad_sample_mode", _as_str),
     "dp-output-mechanism": ("dp_output_mechanism", _as_str),
     "dp-output-clip": ("dp_output_clip", _as_float),
     "dp-output-epsilon": ("dp_output_epsilon", _as_float),
@@ -193,6 +212,7 @@ _KEY_COMPONENT = {
     "dp-delta": ("dp-sample", "dp-central"),
     "dp-noise-multiplier": ("dp-sample",),
     "dp-max-grad-norm": ("dp-sample",),
+    "dp-grad-sample-mode": ("dp-sample",),
     **{k: ("dp-output",) for k in _KEYS if k.startswith("dp-output-")},
     **{k: ("dp-central",) for k in _KEYS if k.startswith("dp-central-")},
     **{k: ("secagg",) for k in _KEYS if k.startswith("secagg-")},
@@ -216,6 +236,7 @@ class PrivacyConfig:
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0 = derive from dp-target-epsilon
     dp_max_grad_norm: float = 1.0
+    dp_grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
     # output-level DP on each node's update, per round
     dp_output_mechanism: str = "gaussian"
     dp_output_clip: float | None = None
@@ -261,6 +282,8 @@ class PrivacyConfig:
                     )
                 continue
             name, coerce = spec
+            if key in _ZERO_IS_UNSET and value in (0, 0.0) and not isinstance(value, bool):
+                continue  # TOML has no null: the app config declares these keys as 0
             values[name] = coerce(key, value)
         return cls(**values)
 
@@ -304,6 +327,12 @@ class PrivacyConfig:
         )
         _check(self.dp_max_grad_norm > 0, "dp-max-grad-norm", self.dp_max_grad_norm, "> 0")
         _check(
+            self.dp_grad_sample_mode in GRAD_SAMPLE_MODES,
+            "dp-grad-sample-mode",
+            self.dp_grad_sample_mode,
+            " or ".join(GRAD_SAMPLE_MODES),
+        )
+        _check(
             self.dp_output_mechanism in OUTPUT_MECHANISMS,
             "dp-output-mechanism",
             self.dp_output_mechanism,
@@ -319,9 +348,9 @@ class PrivacyConfig:
         _check_opt(self.dp_output_delta, lambda v: 0 < v < 1, "dp-output-delta", "in (0, 1)")
         _check_opt(
             self.dp_central_noise_multiplier,
-            lambda v: v >= 0,
+            lambda v: v > 0,
             "dp-central-noise-multiplier",
-            ">= 0",
+            "> 0 (the server noise std over dp-central-clip)",
         )
         _check_opt(self.dp_central_clip, lambda v: v > 0, "dp-central-clip", "> 0")
         self._validate_secagg()
@@ -887,12 +916,14 @@ def central_dp_epsilon(
 
 
 def sample_rate_for(num_images: int, batch_size: int) -> float:
-    """Poisson sampling rate of DP-SGD: ``batch_size / num_images`` (at most 1)."""
+    """Poisson sampling rate of DP-SGD as Opacus sets it: ``1 / ceil(num_images /
+    batch_size)`` (``1 / len(DataLoader)``), which is ``batch_size / num_images`` when the
+    batch size divides the data, and at most 1."""
     if num_images < 1 or batch_size < 1:
         raise ValueError(
             f"need num_images >= 1 and batch_size >= 1, got {num_images}, {batch_size}"
         )
-    return min(1.0, batch_size / num_images)
+    return 1.0 / math.ceil(num_images / batch_size)
 
 
 def planned_steps(
@@ -1119,3 +1150,88 @@ class PrivacyRecord:
         out = dataclasses.asdict(self)
         out["extra"] = dict(self.extra)
         return out
+
+
+def secagg_error_bound(weights: Iterable[float], cfg: PrivacyConfig, max_abs: float) -> float:
+    """Largest per-value difference between SecAgg+'s aggregate and the exact weighted mean
+    of values bounded by ``max_abs`` (<= ``secagg-clipping-range``), from quantization.
+
+    Each node sends ``round(w/W * T)/T * x`` (W = max weight, T = quantization range)
+    stochastically rounded to a grid of step ``2C/T``; the server divides the sum by the sum
+    of the rounded weight ratios ``S``. So each value is off by less than ``n * 2C/T / S``
+    from rounding, plus ``n * max_abs / (T * S)`` from the rounded weights.
+    """
+    w = [float(x) for x in weights]
+    t = cfg.secagg_quantization_range
+    ratios = [round(x / cfg.secagg_max_weight * t) / t for x in w]
+    total = sum(ratios)
+    if total <= 0:
+        raise ValueError("SecAgg+ weights sum to zero after quantization")
+    n = len(w)
+    return n * (2.0 * cfg.secagg_clipping_range + max_abs) / (t * total)
+
+
+# -- output-level DP across rounds --------------------------------------------------------
+
+_LEDGER_FORMAT = "fedsd-output-dp-ledger/1"
+
+
+class OutputLedger:
+    """A node's output-DP releases in one run (one per round it sent an update), on disk.
+
+    Like ``NodeAccountant``: every ClientApp is a fresh process, so the per-round releases
+    are appended under a lock and composed from the whole ledger each time.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Read the ledger at ``path`` (empty if there is no file yet)."""
+        self.path = Path(path)
+        self.releases: list[dict[str, Any]] = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: not a readable output-DP ledger ({exc})") from exc
+        if data.get("format") != _LEDGER_FORMAT:
+            raise ValueError(f"{self.path}: not a readable output-DP ledger")
+        return list(data["releases"])
+
+    def record(self, server_round: int, report: OutputNoiseReport) -> None:
+        """Append one release and save atomically."""
+        with _file_lock(self.path):
+            self.releases = self._read()
+            self.releases.append(
+                {
+                    "round": server_round,
+                    "mechanism": report.mechanism,
+                    "epsilon": report.epsilon,
+                    "delta": report.delta,
+                    "noise_multiplier": report.noise_multiplier,
+                }
+            )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"format": _LEDGER_FORMAT, "releases": self.releases}
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(payload))
+            os.replace(tmp, self.path)
+
+    def composed(self) -> ComposedBudget:
+        """The cumulative budget of all releases (they share one mechanism and setting)."""
+        if not self.releases:
+            return ComposedBudget(0.0, 0.0, "basic", 0, 0.0, 0.0)
+        settings = {(r["mechanism"], r["epsilon"], r["delta"]) for r in self.releases}
+        if len(settings) != 1:  # a changed setting mid-run: basic composition of each
+            eps = sum(r["epsilon"] for r in self.releases)
+            delta = sum(r["delta"] for r in self.releases)
+            return ComposedBudget(eps, delta, "basic", len(self.releases), eps, None)
+        first = self.releases[0]
+        return compose_rounds(
+            first["mechanism"],
+            first["epsilon"],
+            first["delta"],
+            len(self.releases),
+            first["noise_multiplier"],
+        )

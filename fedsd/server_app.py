@@ -15,6 +15,7 @@ evaluate-only message.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -28,6 +29,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedsd.aggregation import weighted_mean, weighted_metric
 from fedsd.checkpoint import RunDir
 from fedsd.config import RunConfig
+from fedsd.payload import FLAT, pack, unpack
+from fedsd.secagg import send_and_receive
 
 log = logging.getLogger("fedsd")
 app = ServerApp()
@@ -37,7 +40,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config, then run (or resume) the federation."""
     cfg = RunConfig.from_mapping(context.run_config)  # refused here, before round 1
-    Federation(grid, cfg).run()
+    Federation(grid, cfg, context).run()
 
 
 def _say(text: str) -> None:
@@ -49,10 +52,14 @@ def _say(text: str) -> None:
 class Federation:
     """One run of the round loop against a Flower Grid."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+    def __init__(self, grid: Grid, cfg: RunConfig, context: Context | None = None) -> None:
         self.grid = grid
         self.cfg = cfg
+        self.context = context
         self.out = RunDir.open(cfg)
+        self.privacy = cfg.privacy
+        for key in self.privacy.ignored_keys():
+            _say(f"warning: {key} is set but privacy={self.privacy.privacy!r} does not use it")
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         """The seeded initial adapter (computed without loading model weights)."""
@@ -69,7 +76,8 @@ class Federation:
             arrays = self.initial_arrays()
             _say(
                 f"run: {len(arrays)} LoRA tensors, {sum(a.size for a in arrays.values()):,} "
-                f"parameters, variant {cfg.lora_variant}, out {self.out.root}"
+                f"parameters, variant {cfg.lora_variant}, privacy {self.privacy.privacy}, "
+                f"out {self.out.root}"
             )
         else:
             _say(f"resuming after round {start - 1} from {self.out.round_dir(start - 1)}")
@@ -82,6 +90,8 @@ class Federation:
                 f"nodes={record['nodes_replied']}/{record['nodes_sampled']} "
                 f"failed={record['nodes_failed']} time={record['seconds']:.1f}s"
             )
+            for line in privacy_lines(record):
+                _say(line)
         last = self.out.completed_rounds
         if last and self.out.val_loss_pending(last):
             self.exchange(last + 1, arrays, train_nodes=[], eval_of=last)
@@ -102,29 +112,48 @@ class Federation:
         t0 = time.perf_counter()
         nodes = self.wait_for_nodes()
         sampled = self.sample(nodes, server_round)
-        result = self.exchange(server_round, arrays, sampled, eval_of=server_round - 1)
-        updates, losses, node_metrics = result["updates"], result["losses"], result["nodes"]
-        if len(updates) < min(cfg.min_nodes, len(sampled)):
+        if "secagg" in self.privacy.components:
+            result = self.secure_exchange(server_round, arrays, sampled)
+        else:
+            result = self.exchange(server_round, arrays, sampled, eval_of=server_round - 1)
+        updates, node_metrics = result["updates"], result["nodes"]
+        contributing = [(u, w) for u, w in updates if w > 0]
+        if len(updates) < min(cfg.min_nodes, len(sampled)) or (
+            result.get("mean") is None and not contributing
+        ):
+            why = "; ".join(result.get("errors", [])[:5])
             raise RuntimeError(
                 f"round {server_round}: only {len(updates)} of {len(sampled)} sampled nodes "
-                f"replied (min-nodes={cfg.min_nodes}); the global adapter is unchanged"
+                f"replied with an update (min-nodes={cfg.min_nodes}); the global adapter is "
+                f"unchanged" + (f". Node errors: {why}" if why else "")
             )
+        mean = result.get("mean")
+        if mean is None:
+            mean = weighted_mean(contributing)
+        records = list(result.get("privacy", []))
+        if "dp-central" in self.privacy.components:
+            mean, central = self.central_noise(mean, len(contributing), server_round)
+            records.append(central)
         new_arrays = dict(arrays)
-        new_arrays.update(weighted_mean(updates))
+        for k, v in mean.items():
+            new_arrays[k] = (arrays[k].astype(np.float64) + v).astype(np.float32)
         record = {
             "round": server_round,
-            "train_loss": _none_if_nan(weighted_metric(losses)),
+            "train_loss": _none_if_nan(weighted_metric(result["losses"])),
             "val_loss": None,  # filled in by the next exchange, which evaluates this aggregate
             "nodes_sampled": len(sampled),
             "nodes_replied": len(updates),
             "nodes_failed": len(sampled) - len(updates),
-            "images": int(sum(w for _, w in updates)),
+            "images": int(sum(m.get("shard-images", 0) for m in node_metrics)),
             "bytes_sent": result["bytes_sent"],
             "bytes_received": result["bytes_received"],
             "seconds": time.perf_counter() - t0,
             "max_node_train_seconds": max((m["train-seconds"] for m in node_metrics), default=0),
             "nodes": node_metrics,
+            "privacy": records,
         }
+        if result.get("stages"):
+            record["secagg_stages"] = result["stages"]
         return new_arrays, record
 
     def exchange(
@@ -138,54 +167,223 @@ class Federation:
         ``evaluate`` to the rest. Record the validation loss of ``arrays`` as round
         ``eval_of``'s (0 = the initial adapter) and return the training replies.
         """
-        from fedsd.model import exchanged_keys, lora_a_digest
-
-        sent_keys = exchanged_keys(list(arrays), self.cfg.lora_variant)
-        config: dict[str, Any] = {"server-round": server_round}
-        if self.cfg.lora_variant == "ffa":
-            config["lora-a-digest"] = lora_a_digest(arrays)
+        sent_keys = self.sent_keys(arrays)
+        config = self.message_config(server_round, arrays)
         targets = [(n, "train") for n in train_nodes]
         targets += [
             (n, "evaluate") for n in sorted(self.grid.get_node_ids()) if n not in train_nodes
         ]
         replies, bytes_sent = self.send(
-            targets, {k: arrays[k] for k in sent_keys}, config, server_round
+            targets, pack({k: arrays[k] for k in sent_keys}), config, server_round
         )
         out: dict[str, Any] = {
             "updates": [],
             "losses": [],
             "nodes": [],
+            "privacy": [],
+            "errors": [],
             "bytes_sent": bytes_sent,
             "bytes_received": 0,
         }
+        shapes = {k: arrays[k].shape for k in sent_keys}
         val = []
         for reply in replies:
             node = reply.metadata.src_node_id
             kind = reply.metadata.message_type
             if reply.has_error():
                 _say(f"round {server_round}: {kind} failed on node {node}: {reply.error.reason}")
+                out["errors"].append(f"node {node}: {reply.error.reason}")
                 continue
             metrics = reply.content.metric_records["metrics"]
             if "val-loss" in metrics:
                 val.append((float(metrics["val-loss"]), float(metrics["val-examples"])))
             if kind != "train":
                 continue
-            record = reply.content.array_records.get("arrays")
-            got = {k: record[k].numpy() for k in record.keys()} if record is not None else {}
-            if sorted(got) != sorted(sent_keys):
-                _say(f"round {server_round}: node {node} sent wrong tensors; ignored")
+            weight = float(metrics["num-examples"])
+            records = _node_records(reply.content.config_records.get("privacy", {}), node)
+            out["privacy"] += records
+            out["nodes"].append({"node_id": node, **dict(metrics)})
+            _say_budget_spent(server_round, node, metrics)
+            record = reply.content.array_records.get("update")
+            try:
+                update = unpack(record[FLAT].numpy(), shapes)
+            except (KeyError, TypeError, ValueError) as exc:
+                _say(f"round {server_round}: node {node} sent an unusable update ({exc}); ignored")
                 continue
             out["bytes_received"] += record.count_bytes()
-            weight = float(metrics["num-examples"])
-            out["updates"].append((got, weight))
-            out["losses"].append((float(metrics["train-loss"]), weight))
-            out["nodes"].append({"node_id": node, **dict(metrics)})
+            out["updates"].append((update, weight))
+            if weight > 0:
+                out["losses"].append((float(metrics["train-loss"]), weight))
+        self.record_val(eval_of, val)
+        return out
+
+    def record_val(self, eval_of: int, val: list[tuple[float, float]]) -> None:
+        """Store the validation loss of round ``eval_of``'s aggregate (0 = initial adapter)."""
         if eval_of == 0 or self.out.val_loss_pending(eval_of):
             loss = _none_if_nan(weighted_metric(val))
             self.out.set_val_loss(eval_of, loss, len(val))
             what = "initial adapter (base model)" if eval_of == 0 else f"round {eval_of}"
             _say(f"val_loss {what}: {_fmt(loss)} ({len(val)} nodes)")
+
+    def secure_exchange(
+        self, server_round: int, arrays: dict[str, np.ndarray], sampled: list[int]
+    ) -> dict[str, Any]:
+        """Like ``exchange`` for a SecAgg+ round: sampled nodes train inside Flower's
+        SecAggPlusWorkflow (the server only sees the unmasked weighted mean of their
+        updates); the other nodes get an evaluate message at the same time."""
+        from fedsd.privacy import PrivacyRecord, check_secagg, secagg_error_bound
+        from fedsd.secagg import secure_round
+
+        if self.context is None:
+            raise RuntimeError("SecAgg+ needs the ServerApp's Context")
+        plan = check_secagg(len(sampled), self.privacy)  # refused here, before any message
+        for warning in plan.warnings:
+            _say(f"round {server_round}: secagg warning: {warning}")
+        sent_keys = self.sent_keys(arrays)
+        flat = pack({k: arrays[k] for k in sent_keys})
+        config = self.message_config(server_round, arrays)
+        others = [n for n in sorted(self.grid.get_node_ids()) if n not in sampled]
+        eval_ids, eval_bytes = (
+            self.send([(n, "evaluate") for n in others], flat, config, server_round, push_only=True)
+            if others
+            else ([], 0)
+        )
+        res = secure_round(
+            self.grid,
+            self.context,
+            server_round,
+            flat,
+            sampled,
+            config,
+            self.privacy,
+            plan,
+            self.cfg.round_timeout,
+            _say,
+        )
+        evals = _pull_until(self.grid, eval_ids, self.cfg.round_timeout)
+        out: dict[str, Any] = {
+            "updates": [],
+            "losses": [],
+            "nodes": [],
+            "privacy": [],
+            "errors": list(res.log.errors),
+            "bytes_sent": eval_bytes + res.log.bytes_sent,
+            "bytes_received": res.log.bytes_received,
+            "stages": res.log.stages,
+        }
+        shapes = {k: arrays[k].shape for k in sent_keys}
+        if res.mean_update is not None:
+            out["mean"] = unpack(res.mean_update, shapes)
+        val = []
+        for node, weight, metrics in res.nodes:
+            records = _node_records({"records": metrics.pop("privacy", "[]")}, node)
+            out["privacy"] += records
+            out["nodes"].append({"node_id": node, **metrics})
+            out["updates"].append((None, float(weight)))
+            _say_budget_spent(server_round, node, metrics)
+            val.append((float(metrics["val-loss"]), float(metrics["val-examples"])))
+            if weight > 0:
+                out["losses"].append((float(metrics["train-loss"]), float(weight)))
+        for reply in evals:
+            if reply.has_error():
+                out["errors"].append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            m = reply.content.metric_records["metrics"]
+            val.append((float(m["val-loss"]), float(m["val-examples"])))
+        for err in out["errors"]:
+            _say(f"round {server_round}: secagg: {err}")
+        self.record_val(server_round - 1, val)
+        weights = [w for _, w in out["updates"]]
+        bound = (
+            secagg_error_bound(weights, self.privacy, self.privacy.secagg_clipping_range)
+            if sum(weights) > 0
+            else None
+        )
+        out["privacy"].append(
+            PrivacyRecord(
+                mechanism="secagg+",
+                noise_multiplier=None,
+                clip=self.privacy.secagg_clipping_range,
+                sample_rate=None,
+                steps=None,
+                epsilon=None,
+                delta=None,
+                round=server_round,
+                extra={
+                    "num_shares": plan.num_shares,
+                    "reconstruction_threshold": plan.reconstruction_threshold,
+                    "neighbourhood": plan.neighbourhood,
+                    "threshold_shares": plan.threshold,
+                    "dropouts_tolerated": plan.dropouts_tolerated,
+                    "quantization_range": self.privacy.secagg_quantization_range,
+                    "modulus_range": self.privacy.secagg_modulus_range,
+                    "max_weight": self.privacy.secagg_max_weight,
+                    "aggregated_nodes": len(res.nodes),
+                    "max_quantization_error": bound,
+                },
+            ).to_dict()
+        )
         return out
+
+    def central_noise(
+        self, mean: dict[str, np.ndarray], aggregated: int, server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Central DP: Gaussian noise on the mean of ``aggregated`` clipped updates.
+
+        Each update is clipped to C on its node and weighs 1, so one node moves the mean by
+        at most C/m (m = updates actually aggregated, not the number sampled: a dropout
+        raises the sensitivity, and Flower's wrapper, which divides by the number sampled,
+        would then under-noise). std = z * C / m, from OS entropy.
+        """
+        from fedsd.privacy import PrivacyRecord, central_dp_epsilon, noise_rng
+
+        z = float(self.privacy.dp_central_noise_multiplier)
+        clip = float(self.privacy.dp_central_clip)
+        std = z * clip / max(1, aggregated)
+        rng = noise_rng()
+        noised = {
+            k: (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape)).astype(np.float32)
+            for k, v in mean.items()
+        }
+        releases = 1 + sum(
+            1
+            for r in self.out.history.get("rounds", [])
+            if int(r["round"]) < server_round
+            and any(p.get("mechanism") == "central-gaussian" for p in r.get("privacy", []))
+        )
+        delta = self.privacy.dp_delta
+        record = PrivacyRecord(
+            mechanism="central-gaussian",
+            noise_multiplier=z,
+            clip=clip,
+            sample_rate=1.0,
+            steps=releases,
+            epsilon=central_dp_epsilon(z, 1.0, releases, delta),
+            delta=delta,
+            round=server_round,
+            extra={
+                "std": std,
+                "aggregated_nodes": aggregated,
+                "level": "node (user-level): one node's whole update",
+                "amplification": "none claimed (nodes are not Poisson-sampled)",
+            },
+        )
+        return noised, record.to_dict()
+
+    def sent_keys(self, arrays: dict[str, np.ndarray]) -> list[str]:
+        """The tensors that travel (B only under FFA-LoRA), sorted."""
+        from fedsd.model import exchanged_keys
+
+        return exchanged_keys(list(arrays), self.cfg.lora_variant)
+
+    def message_config(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``config`` of this round's messages."""
+        config: dict[str, Any] = {"server-round": server_round, "run-key": self.out.run_key}
+        if self.cfg.lora_variant == "ffa":
+            from fedsd.model import lora_a_digest
+
+            config["lora-a-digest"] = lora_a_digest(arrays)
+        return config
 
     # -- plumbing ----------------------------------------------------------------------
     def wait_for_nodes(self) -> list[int]:
@@ -211,16 +409,18 @@ class Federation:
     def send(
         self,
         targets: list[tuple[int, str]],
-        arrays: dict[str, np.ndarray],
+        flat: np.ndarray,
         config: dict[str, Any],
         server_round: int,
+        *,
+        push_only: bool = False,
     ) -> tuple[list[Message], int]:
         """Send the same content to each (node, message type); return the replies and
-        the payload bytes sent."""
-        record = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+        the payload bytes sent (with ``push_only``, the pushed message ids instead)."""
+        record = ArrayRecord(array_dict={FLAT: Array(flat)})
         messages = [
             Message(
-                content=RecordDict({"arrays": record, "config": ConfigRecord(config)}),
+                content=RecordDict({"adapter": record, "config": ConfigRecord(config)}),
                 message_type=message_type,
                 dst_node_id=node_id,
                 group_id=str(server_round),
@@ -228,8 +428,69 @@ class Federation:
             for node_id, message_type in targets
         ]
         sent = record.count_bytes() * len(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        return replies, sent
+        if push_only:
+            return list(self.grid.push_messages(messages)), sent
+        return send_and_receive(self.grid, messages, self.cfg.round_timeout), sent
+
+
+def _pull_until(grid: Grid, ids: list[str], timeout: float) -> list[Message]:
+    """Replies to already pushed messages, until all are in or ``timeout``."""
+    pending, out = set(ids), []
+    end = time.monotonic() + timeout
+    while pending and time.monotonic() < end:
+        got = list(grid.pull_messages(pending))
+        out.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(0.5)
+    return out
+
+
+def _node_records(config: Any, node: int) -> list[dict[str, Any]]:
+    """A node's privacy records (JSON in its reply), tagged with its node id."""
+    raw = config.get("records", "[]") if config else "[]"
+    try:
+        records = json.loads(str(raw))
+    except ValueError:
+        return []
+    for r in records:
+        r["node_id"] = node
+    return records
+
+
+def _say_budget_spent(server_round: int, node: int, metrics: Any) -> None:
+    if int(metrics.get("dp-budget-spent", 0)):
+        _say(
+            f"round {server_round}: node {node}: DP-SGD budget spent (dp-target-epsilon "
+            "reached); it no longer trains and sends no update"
+        )
+
+
+def privacy_lines(record: dict[str, Any]) -> list[str]:
+    """One terminal line per privacy record of a round."""
+    lines = []
+    for p in record.get("privacy", []):
+        who = f"node {p['node_id']}" if p.get("node_id") is not None else "server"
+        head = f"privacy round {record['round']}: {who} {p['mechanism']}"
+        if p["mechanism"] == "secagg+":
+            x = p["extra"]
+            lines.append(
+                f"{head}: {x['aggregated_nodes']} nodes, threshold {x['threshold_shares']} of "
+                f"{x['neighbourhood']}, tolerates {x['dropouts_tolerated']} dropout(s)"
+            )
+            continue
+        if p.get("epsilon") is None:
+            lines.append(f"{head}: clip {p.get('clip')}")
+            continue
+        parts = [f"epsilon={p['epsilon']:.4g}", f"delta={p['delta']:.3g}"]
+        if p.get("noise_multiplier") is not None:
+            parts.append(f"noise_multiplier={p['noise_multiplier']:.4g}")
+        parts.append(f"clip={p.get('clip')}")
+        if p.get("sample_rate") is not None:
+            parts.append(f"sample_rate={p['sample_rate']:.4g}")
+        parts.append(f"steps={p.get('steps')}")
+        lines.append(f"{head} (cumulative): " + " ".join(parts))
+    return lines
 
 
 def _fmt(x: float | None) -> str:

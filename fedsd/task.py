@@ -29,6 +29,7 @@ from fedsd.model import (
     set_lora_state,
 )
 from fedsd.training import (
+    DpSgd,
     EncodedSplit,
     LatentCache,
     TrainResult,
@@ -148,13 +149,20 @@ class NodeTask:
             )
         return set_lora_state(self.unet, arrays, partial=ffa)
 
+    def load_global_flat(self, flat: np.ndarray, a_digest: str | None) -> int:
+        """``load_global`` from the one-vector wire format (``fedsd.payload``)."""
+        from fedsd.payload import shapes_of, unpack
+
+        return self.load_global(unpack(flat, shapes_of(self.outgoing())), a_digest)
+
     def outgoing(self) -> dict[str, np.ndarray]:
         """The tensors this node sends back."""
         arrays = lora_arrays(self.unet)
         return {k: arrays[k] for k in exchanged_keys(list(arrays), self.cfg.lora_variant)}
 
-    def train(self, server_round: int) -> tuple[TrainResult, EncodedSplit]:
-        """Local epochs on the shard's train split."""
+    def train(self, server_round: int, dp: Any = None) -> TrainResult:
+        """Local epochs on the shard's train split; DP-SGD when ``dp`` (a
+        ``fedsd.node_privacy.DpSgdPlan``) is given."""
         data = self.encoded("train")
         if len(data) == 0:
             raise ValueError(f"shard {self.node.shard_dir} has no readable training image")
@@ -167,8 +175,11 @@ class NodeTask:
             self.device,
             scaling_factor=self.scaling_factor,
             seed=seed,
+            dp=None
+            if dp is None
+            else DpSgd(dp.noise_multiplier, dp.max_grad_norm, self.cfg.privacy.dp_grad_sample_mode),
         )
-        return result, data
+        return result
 
     def evaluate(self) -> tuple[float, int]:
         """Validation loss of the current adapter and the number of validation images."""

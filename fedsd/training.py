@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +201,23 @@ class TrainResult:
     steps: int
     images: int
     seconds: float
+    # DP-SGD only: the Opacus accountant history of this pass and its sampling rate
+    dp_history: list[tuple[float, float, int]] = field(default_factory=list)
+    sample_rate: float | None = None
 
     @property
     def images_per_second(self) -> float:
         """Training throughput (image-steps per second)."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """Sample-level DP-SGD settings for one local training pass (Opacus)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str = "hooks"
 
 
 def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: Any) -> Any:
@@ -218,6 +230,42 @@ def noise_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: 
     raise ValueError(f"unsupported scheduler prediction_type {pred_type!r}")
 
 
+def train_images(data: EncodedSplit, cfg: RunConfig) -> int:
+    """How many of the split's images a local pass uses (``max-train-images`` caps it)."""
+    n = len(data)
+    return min(n, cfg.max_train_images) if cfg.max_train_images else n
+
+
+def make_private(
+    unet: Any, optimizer: torch.optim.Optimizer, num_images: int, batch_size: int, dp: DpSgd
+) -> tuple[Any, Any, Any, Any]:
+    """Opacus' one call over model, optimizer and a Poisson loader of image indices.
+
+    Returns ``(private_model, dp_optimizer, loader, privacy_engine)``. The noise generator
+    is seeded from OS entropy, never from the run seed (which the server knows).
+    """
+    import secrets
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(torch.arange(num_images)), batch_size=batch_size)
+    device = next(p.device for p in unet.parameters())
+    noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    model, dp_optimizer, dp_loader = engine.make_private(
+        module=unet,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=dp.grad_sample_mode,
+        noise_generator=noise_gen,
+    )
+    return model, dp_optimizer, dp_loader, engine
+
+
 def train_lora(
     unet: Any,
     data: EncodedSplit,
@@ -227,45 +275,98 @@ def train_lora(
     *,
     scaling_factor: float,
     seed: int,
+    dp: DpSgd | None = None,
 ) -> TrainResult:
-    """Train the UNet's trainable (LoRA) parameters for ``cfg.local_epochs`` epochs."""
+    """Train the UNet's trainable (LoRA) parameters for ``cfg.local_epochs`` epochs.
+
+    Without ``dp``: shuffled batches of ``batch-size``. With ``dp``: Opacus DP-SGD, i.e.
+    Poisson-sampled batches (expected size ``batch-size``), per-sample gradients clipped
+    to ``max_grad_norm`` and Gaussian noise; the pass's accountant history is returned.
+    """
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
-    n = len(data)
-    if cfg.max_train_images:
-        n = min(n, cfg.max_train_images)
+    n = train_images(data, cfg)
+    model, engine = unet, None
+    if dp is not None:
+        model, optimizer, loader, engine = make_private(unet, optimizer, n, cfg.batch_size, dp)
     unet.train()
     total, steps, seen = 0.0, 0, 0
     start = time.perf_counter()
     num_t = scheduler.config.num_train_timesteps
-    for _epoch in range(cfg.local_epochs):
-        order = torch.randperm(len(data), generator=gen)[:n]
-        flips = torch.randint(0, 2, (len(data),), generator=gen)
-        for b in range(0, n, cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
-            side = flips[idx]
-            mean = data.latent_mean[idx, side].float()
-            std = data.latent_std[idx, side].float()
-            eps_latent = torch.randn(mean.shape, generator=gen)
-            latents = ((mean + std * eps_latent) * scaling_factor).to(device)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(0, num_t, (latents.shape[0],), generator=gen).to(device)
-            cond = data.text_embeds[data.prompt_index[idx]].float().to(device)
-            loss = denoising_loss(unet, scheduler, latents, noise, t, cond, device)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {steps}: {loss}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            steps += 1
+    try:
+        for _epoch in range(cfg.local_epochs):
+            flips = torch.randint(0, 2, (len(data),), generator=gen)
+            if engine is None:
+                order = torch.randperm(len(data), generator=gen)[:n]
+                batches = [order[b : b + cfg.batch_size] for b in range(0, n, cfg.batch_size)]
+            else:
+                batches = (idx for (idx,) in loader)
+            for idx in batches:
+                loss = _step(
+                    model,
+                    optimizer,
+                    data,
+                    idx,
+                    flips,
+                    scheduler,
+                    scaling_factor,
+                    num_t,
+                    gen,
+                    device,
+                )
+                if loss is not None:
+                    total += loss * len(idx)
+                    seen += len(idx)
+                steps += 1
+    finally:
+        if engine is not None and hasattr(model, "_close"):
+            model._close()  # remove Opacus' hooks from the node's UNet
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(
+    result = TrainResult(
         loss=total / max(seen, 1), steps=steps, images=seen, seconds=time.perf_counter() - start
     )
+    if engine is not None:
+        result.dp_history = [tuple(h) for h in engine.accountant.history]
+        result.sample_rate = 1.0 / max(1, math.ceil(n / cfg.batch_size))
+    return result
+
+
+def _step(
+    model: Any,
+    optimizer: Any,
+    data: EncodedSplit,
+    idx: torch.Tensor,
+    flips: torch.Tensor,
+    scheduler: Any,
+    scaling_factor: float,
+    num_t: int,
+    gen: torch.Generator,
+    device: torch.device,
+) -> float | None:
+    """One optimizer step on the cached latents of images ``idx``; None for an empty
+    Poisson batch (DP-SGD still takes the step: noise only, and the accountant counts it)."""
+    optimizer.zero_grad(set_to_none=True)
+    if len(idx) == 0:
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+        return None
+    side = flips[idx]
+    mean = data.latent_mean[idx, side].float()
+    std = data.latent_std[idx, side].float()
+    eps_latent = torch.randn(mean.shape, generator=gen)
+    latents = ((mean + std * eps_latent) * scaling_factor).to(device)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = torch.randint(0, num_t, (latents.shape[0],), generator=gen).to(device)
+    cond = data.text_embeds[data.prompt_index[idx]].float().to(device)
+    loss = denoising_loss(model, scheduler, latents, noise, t, cond, device)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss: {float(loss)}")
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def denoising_loss(

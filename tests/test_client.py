@@ -11,6 +11,7 @@ from PIL import Image
 
 from fedsd.config import RunConfig
 from fedsd.model import init_lora_arrays, lora_shapes
+from fedsd.payload import FLAT, pack, shapes_of, unpack
 
 
 def _write_split(root, n, seed):
@@ -63,12 +64,12 @@ def _run_config(tiny_model, tmp_path, **kw):
 
 
 def _message(arrays, message_type, server_round=1, digest=None):
-    config = {"server-round": server_round}
+    config = {"server-round": server_round, "run-key": "test"}
     if digest:
         config["lora-a-digest"] = digest
     content = RecordDict(
         {
-            "arrays": ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
+            "adapter": ArrayRecord(array_dict={FLAT: Array(pack(arrays))}),
             "config": ConfigRecord(config),
         }
     )
@@ -97,17 +98,20 @@ def test_client_starts_from_the_global_adapter(tiny_model, shard, tmp_path):
     rc = _run_config(tiny_model, tmp_path, **{"learning-rate": 1e-6})
     cfg = RunConfig.from_mapping(rc)
     glob, init = _global(cfg)
-    reply = client_app.train(_message(glob, "train"), _context(rc, shard, tmp_path / "c"))
-    got = {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+    ctx = _context(rc, shard, tmp_path / "c")
+    reply = client_app.train(_message(glob, "train"), ctx)
+    update = unpack(reply.content.array_records["update"][FLAT].numpy(), shapes_of(glob))
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 8  # images, not batches
     assert metrics["train-steps"] == 2
-    assert sorted(got) == sorted(glob)
-    # With a tiny learning rate the reply stays next to the global adapter it received,
-    # far from the fresh initial adapter (B=0) a client ignoring the global one would use.
-    drift = max(np.abs(got[k] - glob[k]).max() for k in got)
-    dist_init = max(np.abs(got[k] - init[k]).max() for k in got)
-    assert drift < 1e-4 < 0.1 < dist_init
+    assert sorted(update) == sorted(glob)
+    # The reply is an update (trained minus received): tiny at a tiny learning rate...
+    assert 0 < max(np.abs(u).max() for u in update.values()) < 1e-4
+    # ...and the node trained from the adapter it received, which it scored first: the
+    # val loss it reports is the received adapter's, not the initial adapter's.
+    score = client_app.evaluate(_message(glob, "evaluate"), ctx).content.metric_records
+    base = client_app.evaluate(_message(init, "evaluate"), ctx).content.metric_records
+    assert metrics["val-loss"] == score["metrics"]["val-loss"] != base["metrics"]["val-loss"]
 
 
 def test_ffa_sends_only_b_and_checks_a(tiny_model, shard, tmp_path):
@@ -120,8 +124,8 @@ def test_ffa_sends_only_b_and_checks_a(tiny_model, shard, tmp_path):
     b_only = {k: v for k, v in glob.items() if ".lora_B." in k}
     ctx = _context(rc, shard, tmp_path / "c")
     reply = client_app.train(_message(b_only, "train", digest=lora_a_digest(glob)), ctx)
-    got = reply.content.array_records["arrays"]
-    assert sorted(got.keys()) == sorted(b_only)
+    got = reply.content.array_records["update"][FLAT].numpy()
+    assert got.size == sum(v.size for v in b_only.values()) < sum(v.size for v in glob.values())
     with pytest.raises(RuntimeError, match="A matrices differ"):
         client_app.train(_message(b_only, "train", digest="0" * 16), ctx)
 

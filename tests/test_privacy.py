@@ -109,6 +109,7 @@ FULL = {
     "dp-delta": 1e-6,
     "dp-noise-multiplier": 0.0,
     "dp-max-grad-norm": 0.5,
+    "dp-grad-sample-mode": "functorch",
     "dp-output-mechanism": "gaussian",
     "dp-output-clip": 0.1,
     "dp-output-epsilon": 2.0,
@@ -162,15 +163,15 @@ def test_config_from_run_config_extra_keys():
         ({"dp-noise-multiplier": -0.5}, "dp-noise-multiplier", -0.5),
         ({"dp-max-grad-norm": 0.0}, "dp-max-grad-norm", 0.0),
         ({"dp-output-mechanism": "uniform"}, "dp-output-mechanism", "uniform"),
-        ({"dp-output-clip": 0.0}, "dp-output-clip", 0.0),
+        ({"dp-output-clip": -0.5}, "dp-output-clip", -0.5),
         ({"dp-output-epsilon": -2.0}, "dp-output-epsilon", -2.0),
         ({"dp-output-delta": 1.0}, "dp-output-delta", 1.0),
         ({"dp-central-noise-multiplier": -1.0}, "dp-central-noise-multiplier", -1.0),
-        ({"dp-central-clip": 0.0}, "dp-central-clip", 0.0),
+        ({"dp-central-clip": -1.0}, "dp-central-clip", -1.0),
         ({"secagg-num-shares": 2}, "secagg-num-shares", 2),
         ({"secagg-num-shares": 1}, "secagg-num-shares", 1),
         ({"secagg-num-shares": 3.0}, "secagg-num-shares", 3.0),
-        ({"secagg-num-shares": 0.0}, "secagg-num-shares", 0.0),
+        ({"secagg-num-shares": -0.5}, "secagg-num-shares", -0.5),
         ({"secagg-reconstruction-threshold": 1}, "secagg-reconstruction-threshold", 1),
         ({"secagg-reconstruction-threshold": 1.5}, "secagg-reconstruction-threshold", 1.5),
         (
@@ -642,3 +643,18 @@ def test_privacy_record_to_dict():
     d["extra"]["x"] = 1
     assert "x" not in rec.extra
     json.dumps(d)
+
+
+def test_zero_is_unset_for_keys_without_default():
+    """pyproject.toml declares the keys without a default as 0 (TOML has no null): a 0 is
+    "not given", so the mode that needs the key refuses to start and names it."""
+    unset = PrivacyConfig.from_mapping({"dp-output-clip": 0.0, "secagg-num-shares": 0})
+    assert unset.dp_output_clip is None and unset.secagg_num_shares is None
+    with pytest.raises(ConfigError, match="needs dp-output-clip"):
+        PrivacyConfig.from_mapping(
+            {"privacy": "dp-output", "dp-output-clip": 0.0, "dp-output-epsilon": 1.0}
+        )
+    with pytest.raises(ConfigError, match="needs dp-central-noise-multiplier"):
+        PrivacyConfig.from_mapping(
+            {"privacy": "dp-central", "dp-central-noise-multiplier": 0.0, "dp-central-clip": 1.0}
+        )

@@ -33,9 +33,25 @@ class InProcessGrid:
         self.contexts = contexts
         self.fail_train = set(fail_train)
         self.sent = []
+        self.replies = []
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}-{len(ids)}"
+            ids.append(msg.metadata.message_id)
+        self.replies.extend(self.send_and_receive(messages))
+        return ids
+
+    def pull_messages(self, ids):
+        ids = set(ids)
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+        self.replies = [r for r in self.replies if r.metadata.reply_to_message_id not in ids]
+        return got
 
     def send_and_receive(self, messages, *, timeout=None):
         from fedsd import client_app

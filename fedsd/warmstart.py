@@ -1,0 +1,286 @@
+"""Warm ClientApp starts: fork each ``flwr-clientapp`` from a process that already imported
+torch and diffusers.
+
+A SuperNode starts a fresh ``flwr-clientapp`` process for every message (four per round
+under SecAgg+). Importing torch, diffusers and peft costs that process 6-15 s of CPU, far
+more than a LoRA step on the tiny model, and N nodes sharing a machine pay it N times per
+message. Flower starts the process by name from ``PATH``, so a SuperNode's ``PATH`` can
+point at a shim instead:
+
+* ``fedsd clientapp-launcher --socket S`` (one per SuperNode, same environment) imports the
+  heavy third-party modules once, then waits on a unix socket. It never imports fedsd's app
+  modules (the FAB's copy must be the one that runs) and never starts a thread, so a fork
+  is as clean as a fresh process: every message still gets its own process, memory and
+  exit, exactly as Flower intends; only the import work is shared, copy-on-write.
+* ``flwr-clientapp`` on the SuperNode's ``PATH`` is a shim running ``python -m
+  fedsd.warmstart``: it sends its argv, environment, working directory and stdio to the
+  launcher, relays signals to the forked child and exits with the child's status. With no
+  ``FEDSD_CLIENTAPP_SOCKET``, or no launcher listening, it execs the real
+  ``flwr-clientapp``, so a node never depends on the launcher being up.
+
+No CUDA is touched before the fork (importing torch does not initialise CUDA), so a GPU
+child initialises its own context.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+SOCKET_ENV = "FEDSD_CLIENTAPP_SOCKET"
+#: Imported once by the launcher. Third-party only: fedsd's modules come from the FAB.
+DEFAULT_PRELOAD = (
+    "numpy",
+    "torch",
+    "safetensors.torch",
+    "diffusers",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "diffusers.schedulers.scheduling_ddpm",
+    "peft",
+    "opacus",
+    "flwr.supernode.cli.flwr_clientapp",
+    "flwr.client.mod",
+)
+_LEN = struct.Struct("!I")
+
+
+def _send_json(sock: socket.socket, obj: object, fds: Sequence[int] = ()) -> None:
+    data = json.dumps(obj).encode()
+    payload = _LEN.pack(len(data)) + data
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([payload], anc)
+        sock.sendall(payload[sent:])
+    else:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        if fds is not None and not buf:
+            msg, anc, _, _ = sock.recvmsg(n, socket.CMSG_SPACE(3 * array.array("i").itemsize))
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(data[: len(data) - len(data) % got.itemsize])
+                    fds.extend(got)
+            chunk = msg
+        else:
+            chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("launcher connection closed")
+        buf += chunk
+    return buf
+
+
+def _recv_json(sock: socket.socket, fds: list[int] | None = None) -> object:
+    (size,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds))
+    return json.loads(_recv_exact(sock, size))
+
+
+# -- the launcher -------------------------------------------------------------------------
+
+
+def serve(socket_path: str | os.PathLike[str], preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
+    """Import ``preload``, then fork one ``flwr-clientapp`` per request until SIGTERM."""
+    t0 = time.perf_counter()
+    for name in preload:
+        importlib.import_module(name)
+    import threading
+
+    if threading.active_count() != 1:  # a fork would copy held locks of other threads
+        raise RuntimeError(f"preloading started {threading.active_count() - 1} thread(s)")
+    path = Path(socket_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    os.chmod(path, 0o600)  # only this user's SuperNode may start ClientApps through it
+    server.listen(64)
+    stop = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(
+        f"fedsd clientapp-launcher: {len(preload)} modules preloaded in "
+        f"{time.perf_counter() - t0:.1f}s; listening on {path}",
+        flush=True,
+    )
+    children: dict[int, socket.socket] = {}
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ)
+    try:
+        while not stop:
+            for _key, _ in sel.select(timeout=0.05):
+                try:
+                    conn, _ = server.accept()
+                    pid = _fork_child(server, conn)
+                except OSError as exc:
+                    print(f"fedsd clientapp-launcher: request failed: {exc}", flush=True)
+                    continue
+                children[pid] = conn
+            _reap(children)
+    finally:
+        sel.close()
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _fork_child(server: socket.socket, conn: socket.socket) -> int:
+    fds: list[int] = []
+    request = _recv_json(conn, fds)
+    if not isinstance(request, dict) or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        raise OSError("malformed request (want argv, env, cwd and three stdio fds)")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            server.close()
+            conn.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            reseed_after_fork()
+            sys.argv = list(request["argv"])
+            from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+            flwr_clientapp()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    _send_json(conn, {"pid": pid})
+    return pid
+
+
+def reseed_after_fork() -> None:
+    """Fresh OS-entropy seeds for every global RNG the launcher imported.
+
+    A fork copies the parent's generator states, so without this every ClientApp of a node
+    would draw the same "random" numbers (the same DP noise from any library that uses a
+    global generator, the same SecAgg+ stochastic rounding) in every round.
+    """
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        import numpy as np
+
+        np.random.seed()
+    if "torch" in sys.modules:
+        import torch
+
+        torch.seed()
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(OSError):
+            _send_json(conn, {"exit": code})
+        conn.close()
+
+
+# -- the shim -----------------------------------------------------------------------------
+
+
+def _real_clientapp() -> str:
+    """The ``flwr-clientapp`` installed next to this interpreter."""
+    return str(Path(sys.executable).parent / "flwr-clientapp")
+
+
+def run_shim(argv: Sequence[str]) -> int:
+    """Start ``flwr-clientapp argv`` through the launcher; exec the real one without it."""
+    path = os.environ.get(SOCKET_ENV)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not path:
+            raise OSError("no launcher configured")
+        sock.connect(path)
+        request = {"argv": ["flwr-clientapp", *argv], "env": dict(os.environ), "cwd": os.getcwd()}
+        _send_json(sock, request, fds=(0, 1, 2))
+        reply = _recv_json(sock)
+    except OSError:
+        sock.close()
+        real = _real_clientapp()
+        os.execv(real, [real, *argv])  # does not return
+        return 127
+    pid = int(reply["pid"])  # type: ignore[index]
+
+    def _relay(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _relay)
+    try:
+        done = _recv_json(sock)
+    except (OSError, ValueError):
+        return 1  # launcher gone: the child was killed with it
+    code = int(done["exit"])  # type: ignore[index]
+    return code if code >= 0 else 128 - code
+
+
+def install_shim(bin_dir: str | os.PathLike[str]) -> Path:
+    """Write the ``flwr-clientapp`` shim into ``bin_dir`` (put it first on the node's PATH)."""
+    target = Path(bin_dir) / "flwr-clientapp"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    script = f'#!/bin/sh\nexec "{sys.executable}" -m fedsd.warmstart "$@"\n'
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    tmp.replace(target)
+    return target
+
+
+if __name__ == "__main__":  # the shim
+    sys.exit(run_shim(sys.argv[1:]))
