@@ -75,10 +75,20 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_clientapp_launcher(args: argparse.Namespace) -> int:
+def _cmd_app_launcher(args: argparse.Namespace) -> int:
     from fedsd.warmstart import DEFAULT_PRELOAD, serve
 
     serve(args.socket, args.preload or DEFAULT_PRELOAD)
+    return 0
+
+
+def _cmd_privacy_report(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsd.report import format_report, load_report
+
+    report = load_report(args.out)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -138,17 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_certs)
 
     p = sub.add_parser(
-        "clientapp-launcher",
-        help="fork each flwr-clientapp of a SuperNode from a process with torch imported",
+        "privacy-report",
+        help="per-round, per-node privacy records of a run (from OUT/history.json)",
+    )
+    p.add_argument("out", help="the run's output directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_privacy_report)
+
+    p = sub.add_parser(
+        "app-launcher",
+        help="fork flwr-clientapp/flwr-serverapp processes from one with torch imported",
         description="Import torch, diffusers, peft and opacus once, then fork a "
-        "flwr-clientapp per request on SOCKET. A SuperNode uses it when the shim written by "
-        "fedsd.warmstart.install_shim is first on its PATH and FEDSD_CLIENTAPP_SOCKET=SOCKET.",
+        "flwr-clientapp or flwr-serverapp per request on SOCKET. A SuperNode (SuperExec) uses "
+        "it when the shim written by fedsd.warmstart.install_shim is first on its PATH and "
+        "FEDSD_LAUNCHER_SOCKET=SOCKET.",
     )
     p.add_argument("--socket", required=True, help="unix socket path to listen on")
     p.add_argument(
         "--preload", nargs="*", default=None, help="modules to import first (default: fedsd's)"
     )
-    p.set_defaults(func=_cmd_clientapp_launcher)
+    p.set_defaults(func=_cmd_app_launcher)
     return parser
 
 

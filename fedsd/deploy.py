@@ -549,7 +549,7 @@ class LocalDeployment:
         grace: float = DEFAULT_GRACE,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         extra_env: Mapping[str, str] | None = None,
-        warm_clientapps: bool = True,
+        warm_apps: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -571,7 +571,7 @@ class LocalDeployment:
             self.env.update(extra_env)
         self.certs: CertMaterial | None = None
         self.services: dict[str, Service] = {}
-        self.warm_clientapps = warm_clientapps
+        self.warm_apps = warm_apps
 
     # -- context manager ------------------------------------------------------------------
 
@@ -791,7 +791,10 @@ class LocalDeployment:
             "--root-certificates",
             str(certs.ca_cert),
         ]
-        return self._start("superexec", argv)
+        env = dict(self.env)
+        if self.warm_apps:
+            env.update(self.start_launcher("launcher-serverapp", "flwr-serverapp", env))
+        return self._start("superexec", argv, env=env)
 
     def node_config(self, index: int) -> dict[str, Any]:
         """``--node-config`` of SuperNode ``index`` (partition, and paths from the runner)."""
@@ -839,26 +842,27 @@ class LocalDeployment:
             argv += ["--node-config", format_config_pairs(config)]
         argv += list(extra_args)
         env = {**self.env, "FLWR_HOME": str(node_home), **node_thread_env(self.nodes, self.env)}
-        if self.warm_clientapps:
-            env.update(self.start_clientapp_launcher(index, env))
+        if self.warm_apps:
+            env.update(self.start_launcher(f"launcher-{index}", "flwr-clientapp", env))
         return self._start(name or f"supernode-{index}", argv, env=env)
 
-    def start_clientapp_launcher(self, index: int, env: Mapping[str, str]) -> dict[str, str]:
-        """Start node ``index``'s warm ClientApp launcher (``fedsd.warmstart``); return
-        what the SuperNode's environment needs to use it (the shim first on PATH, the socket).
+    def start_launcher(self, name: str, entry: str, env: Mapping[str, str]) -> dict[str, str]:
+        """Start a warm app launcher (``fedsd.warmstart``) named ``name`` for ``entry``
+        (``flwr-clientapp`` or ``flwr-serverapp``); return what the environment of the
+        service that starts ``entry`` needs to use it (the shim first on PATH, the socket).
 
         Until the launcher listens (it imports torch first) the shim runs the plain
-        ``flwr-clientapp``, so the SuperNode does not wait for it.
+        command, so nothing waits for it.
         """
         from fedsd.warmstart import SOCKET_ENV, install_shim
 
-        shim_dir = install_shim(self.work_dir / "bin").parent
-        sock = self.work_dir / "run" / f"clientapp-{index}.sock"
+        shim_dir = install_shim(self.work_dir / "bin" / entry, entry).parent
+        sock = self.work_dir / "run" / f"{name}.sock"
         if len(str(sock)) > 100:  # AF_UNIX paths are limited to 107 bytes
             digest = hashlib.sha256(str(self.work_dir).encode()).hexdigest()[:12]
-            sock = Path(tempfile.gettempdir()) / f"fedsd-{digest}" / f"clientapp-{index}.sock"
-        argv = [sys.executable, "-m", "fedsd.cli", "clientapp-launcher", "--socket", str(sock)]
-        self._start(f"clientapp-launcher-{index}", argv, env=env)
+            sock = Path(tempfile.gettempdir()) / f"fedsd-{digest}" / f"{name}.sock"
+        argv = [sys.executable, "-m", "fedsd.cli", "app-launcher", "--socket", str(sock)]
+        self._start(name, argv, env=env)
         path = os.pathsep.join([str(shim_dir), env.get("PATH", "")])
         return {SOCKET_ENV: str(sock), "PATH": path}
 
@@ -1096,6 +1100,7 @@ def run_local(
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     extra_env: Mapping[str, str] | None = None,
     privacy: str | None = None,
+    warm_apps: bool | None = None,
 ) -> int:
     """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
 
@@ -1103,6 +1108,9 @@ def run_local(
     the shards are wrong. Anything failing later (a service dying, the ServerApp raising, a
     timeout, Ctrl-C/SIGTERM) returns non-zero after every process has been stopped;
     ``shards=None`` skips the shard check and the shard-dir node config (apps without data).
+    ``warm_apps`` (default: when the app's ClientApp is fedsd's) forks each ClientApp and
+    ServerApp from a launcher with torch and diffusers already imported
+    (``fedsd.warmstart``).
     """
     app = Path(app_dir).expanduser().resolve() if app_dir is not None else find_app_dir()
     if nodes < 1:
@@ -1139,6 +1147,7 @@ def run_local(
         grace=grace,
         startup_timeout=startup_timeout,
         extra_env=extra_env,
+        warm_apps=_is_fedsd_app(app) if warm_apps is None else warm_apps,
     )
     with _signals_raise(), deployment:
         try:
@@ -1251,6 +1260,16 @@ def _signals_raise() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def _is_fedsd_app(app_dir: Path) -> bool:
+    """Whether the app's ClientApp is fedsd's (whose handlers import torch and diffusers)."""
+    try:
+        data = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    ref = data.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    return str(ref.get("clientapp", "")).startswith("fedsd.")
 
 
 def _has_flwr_app(pyproject: Path) -> bool:

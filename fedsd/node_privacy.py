@@ -14,7 +14,8 @@ from zero. Nothing sent to the server reveals the update's norm.
 
 from __future__ import annotations
 
-import math
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +87,30 @@ class NodePrivacy:
             total = planned_steps(
                 cfg.num_server_rounds, cfg.local_epochs, num_images, cfg.batch_size
             )
-            sigma = noise_multiplier_for(p.dp_target_epsilon, p.dp_delta, q, total)
+            sigma = self._planned_sigma(p.dp_target_epsilon, p.dp_delta, q, total)
         acc = self.accountant()
         spent = p.dp_target_epsilon > 0 and acc.budget_spent(
             p.dp_target_epsilon, p.dp_delta, per_round, sigma, q
         )
         return DpSgdPlan(sigma, p.dp_max_grad_norm, q, per_round, spent, acc.epsilon(p.dp_delta))
+
+    def _planned_sigma(self, target: float, delta: float, q: float, total: int) -> float:
+        """``noise_multiplier_for``, remembered per run: Opacus' search takes seconds, and
+        the plan is the same every round."""
+        path = self.dir / "noise-multiplier.json"
+        key = f"{target!r}|{delta!r}|{q!r}|{total}"
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return float(cached["noise_multiplier"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        sigma = noise_multiplier_for(target, delta, q, total)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "noise_multiplier": sigma}))
+        os.replace(tmp, path)
+        return sigma
 
     def accountant(self) -> NodeAccountant:
         """The node's cumulative DP-SGD accountant for this run."""
@@ -201,8 +220,6 @@ class NodePrivacy:
 
 def records_json(records: list[PrivacyRecord]) -> str:
     """Records as one JSON string (ConfigRecord values are scalars)."""
-    import json
-
     return json.dumps([r.to_dict() for r in records], default=_finite)
 
 
@@ -210,8 +227,3 @@ def _finite(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(type(x))
-
-
-def is_finite(x: float | None) -> bool:
-    """For report formatting: a real epsilon (not None or inf)."""
-    return x is not None and math.isfinite(x)

@@ -43,6 +43,10 @@ def main(grid: Grid, context: Context) -> None:
     Federation(grid, cfg, context).run()
 
 
+class BudgetSpent(RuntimeError):
+    """Every node of a round has spent its DP-SGD budget: the run ends early, cleanly."""
+
+
 def _say(text: str) -> None:
     """Progress lines: the runner relays ``fedsd ...`` lines to the terminal."""
     print(f"fedsd {text}", flush=True)
@@ -82,7 +86,11 @@ class Federation:
         else:
             _say(f"resuming after round {start - 1} from {self.out.round_dir(start - 1)}")
         for server_round in range(start, cfg.num_server_rounds + 1):
-            arrays, record = self.round(server_round, arrays)
+            try:
+                arrays, record = self.round(server_round, arrays)
+            except BudgetSpent as spent:
+                _say(str(spent))
+                break
             self.out.save_round(server_round, arrays, record)
             _say(
                 f"round {server_round}/{cfg.num_server_rounds}: "
@@ -118,6 +126,13 @@ class Federation:
             result = self.exchange(server_round, arrays, sampled, eval_of=server_round - 1)
         updates, node_metrics = result["updates"], result["nodes"]
         contributing = [(u, w) for u, w in updates if w > 0]
+        spent = [m for m in node_metrics if int(m.get("dp-budget-spent", 0))]
+        if updates and not contributing and len(spent) == len(updates):
+            raise BudgetSpent(
+                f"round {server_round}: every node that replied has spent its DP-SGD budget "
+                f"(dp-target-epsilon={self.privacy.dp_target_epsilon}); training stops here, "
+                f"the adapter of round {server_round - 1} is the result"
+            )
         if len(updates) < min(cfg.min_nodes, len(sampled)) or (
             result.get("mean") is None and not contributing
         ):

@@ -249,6 +249,7 @@ def make_private(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    unet.train()  # Opacus refuses a module in eval mode
     engine = PrivacyEngine(accountant="rdp")
     loader = DataLoader(TensorDataset(torch.arange(num_images)), batch_size=batch_size)
     device = next(p.device for p in unet.parameters())

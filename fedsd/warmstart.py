@@ -1,22 +1,22 @@
-"""Warm ClientApp starts: fork each ``flwr-clientapp`` from a process that already imported
-torch and diffusers.
+"""Warm app starts: fork each ``flwr-clientapp`` (and ``flwr-serverapp``) from a process that
+already imported torch and diffusers.
 
 A SuperNode starts a fresh ``flwr-clientapp`` process for every message (four per round
 under SecAgg+). Importing torch, diffusers and peft costs that process 6-15 s of CPU, far
 more than a LoRA step on the tiny model, and N nodes sharing a machine pay it N times per
-message. Flower starts the process by name from ``PATH``, so a SuperNode's ``PATH`` can
-point at a shim instead:
+message; the ServerApp pays the same once per run. Flower starts both by name from
+``PATH``, so a SuperNode's (or the ServerApp SuperExec's) ``PATH`` can point at a shim:
 
-* ``fedsd clientapp-launcher --socket S`` (one per SuperNode, same environment) imports the
+* ``fedsd app-launcher --socket S`` (one per SuperNode, same environment) imports the
   heavy third-party modules once, then waits on a unix socket. It never imports fedsd's app
   modules (the FAB's copy must be the one that runs) and never starts a thread, so a fork
   is as clean as a fresh process: every message still gets its own process, memory and
   exit, exactly as Flower intends; only the import work is shared, copy-on-write.
-* ``flwr-clientapp`` on the SuperNode's ``PATH`` is a shim running ``python -m
-  fedsd.warmstart``: it sends its argv, environment, working directory and stdio to the
-  launcher, relays signals to the forked child and exits with the child's status. With no
-  ``FEDSD_CLIENTAPP_SOCKET``, or no launcher listening, it execs the real
-  ``flwr-clientapp``, so a node never depends on the launcher being up.
+* ``flwr-clientapp`` (``flwr-serverapp``) on that ``PATH`` is a shim running ``python -m
+  fedsd.warmstart``: it sends its name, argv, environment, working directory and stdio to
+  the launcher, relays signals to the forked child and exits with the child's status.
+  With no ``FEDSD_LAUNCHER_SOCKET``, or no launcher listening, it execs the real command,
+  so nothing depends on the launcher being up.
 
 No CUDA is touched before the fork (importing torch does not initialise CUDA), so a GPU
 child initialises its own context.
@@ -38,7 +38,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SOCKET_ENV = "FEDSD_CLIENTAPP_SOCKET"
+SOCKET_ENV = "FEDSD_LAUNCHER_SOCKET"
+#: The Flower commands a launcher may start, and their entry points.
+ENTRIES = {
+    "flwr-clientapp": ("flwr.supernode.cli", "flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp"),
+}
 #: Imported once by the launcher. Third-party only: fedsd's modules come from the FAB.
 DEFAULT_PRELOAD = (
     "numpy",
@@ -50,8 +55,10 @@ DEFAULT_PRELOAD = (
     "diffusers.schedulers.scheduling_ddpm",
     "peft",
     "opacus",
-    "flwr.supernode.cli.flwr_clientapp",
+    "flwr.supernode.cli",
+    "flwr.superlink.cli",
     "flwr.client.mod",
+    "flwr.server.workflow",
 )
 _LEN = struct.Struct("!I")
 
@@ -95,7 +102,7 @@ def _recv_json(sock: socket.socket, fds: list[int] | None = None) -> object:
 
 
 def serve(socket_path: str | os.PathLike[str], preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
-    """Import ``preload``, then fork one ``flwr-clientapp`` per request until SIGTERM."""
+    """Import ``preload``, then fork one Flower app process per request until SIGTERM."""
     t0 = time.perf_counter()
     for name in preload:
         importlib.import_module(name)
@@ -120,7 +127,7 @@ def serve(socket_path: str | os.PathLike[str], preload: Sequence[str] = DEFAULT_
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(
-        f"fedsd clientapp-launcher: {len(preload)} modules preloaded in "
+        f"fedsd app-launcher: {len(preload)} modules preloaded in "
         f"{time.perf_counter() - t0:.1f}s; listening on {path}",
         flush=True,
     )
@@ -134,7 +141,7 @@ def serve(socket_path: str | os.PathLike[str], preload: Sequence[str] = DEFAULT_
                     conn, _ = server.accept()
                     pid = _fork_child(server, conn)
                 except OSError as exc:
-                    print(f"fedsd clientapp-launcher: request failed: {exc}", flush=True)
+                    print(f"fedsd app-launcher: request failed: {exc}", flush=True)
                     continue
                 children[pid] = conn
             _reap(children)
@@ -151,11 +158,11 @@ def serve(socket_path: str | os.PathLike[str], preload: Sequence[str] = DEFAULT_
 def _fork_child(server: socket.socket, conn: socket.socket) -> int:
     fds: list[int] = []
     request = _recv_json(conn, fds)
-    if not isinstance(request, dict) or len(fds) != 3:
+    if not isinstance(request, dict) or len(fds) != 3 or request.get("entry") not in ENTRIES:
         for fd in fds:
             os.close(fd)
         conn.close()
-        raise OSError("malformed request (want argv, env, cwd and three stdio fds)")
+        raise OSError("malformed request (want a known entry, argv, env, cwd and 3 stdio fds)")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked child
         code = 1
@@ -171,10 +178,9 @@ def _fork_child(server: socket.socket, conn: socket.socket) -> int:
             os.environ.clear()
             os.environ.update(request["env"])
             reseed_after_fork()
-            sys.argv = list(request["argv"])
-            from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-            flwr_clientapp()
+            sys.argv = [request["entry"], *request["argv"]]
+            module, func = ENTRIES[request["entry"]]
+            getattr(importlib.import_module(module), func)()
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -190,6 +196,7 @@ def _fork_child(server: socket.socket, conn: socket.socket) -> int:
     for fd in fds:
         os.close(fd)
     _send_json(conn, {"pid": pid})
+    print(f"fedsd app-launcher: started {request['entry']} pid {pid}", flush=True)
     return pid
 
 
@@ -233,25 +240,22 @@ def _reap(children: dict[int, socket.socket]) -> None:
 # -- the shim -----------------------------------------------------------------------------
 
 
-def _real_clientapp() -> str:
-    """The ``flwr-clientapp`` installed next to this interpreter."""
-    return str(Path(sys.executable).parent / "flwr-clientapp")
-
-
-def run_shim(argv: Sequence[str]) -> int:
-    """Start ``flwr-clientapp argv`` through the launcher; exec the real one without it."""
+def run_shim(entry: str, argv: Sequence[str]) -> int:
+    """Start ``entry argv`` through the launcher; exec the real command without it."""
+    if entry not in ENTRIES:
+        raise SystemExit(f"fedsd.warmstart: unknown command {entry!r}")
     path = os.environ.get(SOCKET_ENV)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if not path:
             raise OSError("no launcher configured")
         sock.connect(path)
-        request = {"argv": ["flwr-clientapp", *argv], "env": dict(os.environ), "cwd": os.getcwd()}
+        request = {"entry": entry, "argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}
         _send_json(sock, request, fds=(0, 1, 2))
         reply = _recv_json(sock)
     except OSError:
         sock.close()
-        real = _real_clientapp()
+        real = str(Path(sys.executable).parent / entry)  # installed next to this interpreter
         os.execv(real, [real, *argv])  # does not return
         return 127
     pid = int(reply["pid"])  # type: ignore[index]
@@ -270,11 +274,13 @@ def run_shim(argv: Sequence[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
-def install_shim(bin_dir: str | os.PathLike[str]) -> Path:
-    """Write the ``flwr-clientapp`` shim into ``bin_dir`` (put it first on the node's PATH)."""
-    target = Path(bin_dir) / "flwr-clientapp"
+def install_shim(bin_dir: str | os.PathLike[str], entry: str = "flwr-clientapp") -> Path:
+    """Write the ``entry`` shim into ``bin_dir`` (put that first on the service's PATH)."""
+    if entry not in ENTRIES:
+        raise ValueError(f"unknown command {entry!r}; known: {', '.join(ENTRIES)}")
+    target = Path(bin_dir) / entry
     target.parent.mkdir(parents=True, exist_ok=True)
-    script = f'#!/bin/sh\nexec "{sys.executable}" -m fedsd.warmstart "$@"\n'
+    script = f'#!/bin/sh\nexec "{sys.executable}" -m fedsd.warmstart {entry} "$@"\n'
     tmp = target.with_suffix(".tmp")
     tmp.write_text(script)
     tmp.chmod(0o755)
@@ -282,5 +288,5 @@ def install_shim(bin_dir: str | os.PathLike[str]) -> Path:
     return target
 
 
-if __name__ == "__main__":  # the shim
-    sys.exit(run_shim(sys.argv[1:]))
+if __name__ == "__main__":  # the shim: python -m fedsd.warmstart ENTRY ARGS...
+    sys.exit(run_shim(sys.argv[1], sys.argv[2:]))

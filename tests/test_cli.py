@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fedsd.cli import main
@@ -71,3 +72,54 @@ def test_generate_grid_base_vs_adapted(tiny_model, tmp_path):
     assert main([*argv[:-1], str(tmp_path / "again.png")]) == 0
     again = np.asarray(Image.open(tmp_path / "again.png").convert("RGB")).astype(int)
     assert np.array_equal(grid, again)
+
+
+def _shards(tmp_path, n):
+    out = tmp_path / "shards"
+    main(["shards", "--source", "synthetic", "--num-shards", str(n), "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("nodes", "privacy", "run_config", "message"),
+    [
+        (3, "dp-sample+dp-central", "", "dp-central together with dp-sample adds noise twice"),
+        (3, "dp-local", "", "dp-local"),
+        (3, "dp-sample", "", "needs dp-target-epsilon > 0"),
+        (3, "dp-output", "dp-output-clip=0.1", "needs dp-output-epsilon"),
+        (3, "dp-central", "dp-central-clip=0.1", "needs dp-central-noise-multiplier"),
+        (3, "secagg", "secagg-num-shares=2", "an integer > 2"),
+        (
+            3,
+            "secagg",
+            "secagg-num-shares=3 secagg-reconstruction-threshold=3",
+            "< secagg-num-shares=3",
+        ),
+        (
+            5,
+            "secagg",
+            "secagg-num-shares=0.5 secagg-reconstruction-threshold=4 min-nodes=5",
+            "Flower would abort every round",
+        ),
+        (
+            3,
+            "secagg",
+            "secagg-quantization-range=2147483648 secagg-modulus-range=4294967296",
+            "wraps around",
+        ),
+        (1, "secagg", "min-nodes=1", "min-nodes"),
+        (3, "none", "dp-outptu-clip=1.0", "unknown key(s) dp-outptu-clip"),
+    ],
+)
+def test_up_refuses_bad_privacy_before_starting_anything(
+    tmp_path, capsys, nodes, privacy, run_config, message
+):
+    shards = _shards(tmp_path, nodes)
+    argv = ["up", "--local", "--nodes", str(nodes), "--shards", str(shards)]
+    argv += ["--out", str(tmp_path / "out"), "--privacy", privacy]
+    if run_config:
+        argv += ["--run-config", run_config]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "out" / ".deploy").exists()  # no process was started

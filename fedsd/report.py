@@ -1,0 +1,90 @@
+"""``fedsd privacy-report OUT``: the privacy records of a run, per round and node.
+
+Reads ``OUT/history.json`` only (no torch, no Flower), so it works on any machine that
+has the run's output: one row per record (mechanism, noise multiplier, clip, sample
+rate, cumulative steps, cumulative epsilon and delta), then each node's final budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("round", "who", "mechanism", "noise_mult", "clip", "sample_rate", "steps", "epsilon")
+
+
+def load_report(out_dir: str | Path) -> dict[str, Any]:
+    """The run's privacy mode and settings, every record (tagged with its round), and the
+    last record per (node, mechanism): the budget spent by the end of the run."""
+    path = Path(out_dir) / "history.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a fedsd run directory?")
+    hist = json.loads(path.read_text())
+    config = hist.get("config", {})
+    settings = {
+        k: v for k, v in config.items() if k == "privacy" or k.startswith(("dp-", "secagg-"))
+    }
+    records = []
+    for r in hist.get("rounds", []):
+        for rec in r.get("privacy", []):
+            records.append({**rec, "round": r["round"]})
+    final: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        final[f"{_who(rec)} {rec['mechanism']}"] = rec
+    return {
+        "out": str(Path(out_dir).resolve()),
+        "privacy": config.get("privacy", "none"),
+        "settings": settings,
+        "rounds": len(hist.get("rounds", [])),
+        "records": records,
+        "final": final,
+    }
+
+
+def _who(rec: dict[str, Any]) -> str:
+    return f"node {rec['node_id']}" if rec.get("node_id") is not None else "server"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table for the terminal."""
+    lines = [
+        f"privacy report for {report['out']}",
+        f"mode: {report['privacy']}   rounds: {report['rounds']}",
+        "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(report["settings"].items())),
+        "",
+    ]
+    rows = [COLUMNS]
+    for rec in report["records"]:
+        rows.append(
+            (
+                str(rec["round"]),
+                _who(rec),
+                rec["mechanism"],
+                _cell(rec.get("noise_multiplier")),
+                _cell(rec.get("clip")),
+                _cell(rec.get("sample_rate")),
+                _cell(rec.get("steps")),
+                _cell(rec.get("epsilon"))
+                + ("" if rec.get("delta") is None else f" (delta {rec['delta']:.3g})"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    if not report["records"]:
+        lines.append("(no privacy records: the run used privacy=none)")
+    lines.append("")
+    lines.append("by the end of the run (cumulative):")
+    for key, rec in sorted(report["final"].items()):
+        if rec.get("epsilon") is not None:
+            lines.append(f"  {key}: epsilon {_cell(rec['epsilon'])} at delta {rec['delta']:.3g}")
+    return "\n".join(lines)
