@@ -108,6 +108,10 @@ fi
 say "$("$VENV/bin/docker-compose" version | head -1); hadolint $("$VENV/bin/hadolint" --version)"
 
 # -- 4. base image --------------------------------------------------------------------------
+if podman image exists "$BASE_IMAGE" \
+    && [ "$(podman run --rm "$BASE_IMAGE" stat -c %a / 2>/dev/null)" != 755 ]; then
+    podman rmi -f "$BASE_IMAGE" >/dev/null  # an earlier version of this script left / at 0700
+fi
 if podman image exists "$BASE_IMAGE"; then
     say "base image $BASE_IMAGE already there"
 else
@@ -117,6 +121,7 @@ else
         bookworm "$rootfs" "$DEBIAN_MIRROR" >/var/tmp/fedsd-debootstrap.log 2>&1 \
         || { tail -20 /var/tmp/fedsd-debootstrap.log >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    chmod 0755 "$rootfs"  # mktemp made it 0700: the image's / would be closed to non-root users
     tar -C "$rootfs" -c . | podman import --quiet \
         --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build the images with podman (or docker), CPU variant by default for CI:
+#
+#   docker/build.sh [--tag TAG] [--cuda] [SERVICE...]     SERVICE: superlink supernode serverapp
+#
+# CI variant (default): base localhost/fedsd-base:bookworm (docker/ci-setup.sh makes it),
+# torch==2.13.0+cpu from the local wheel directory that pip's configuration on these
+# machines names (PIP_FIND_LINKS / pip config find-links), pip trusting the host's CA
+# bundle. Both are bind-mounted into the build (podman build --volume). --cuda builds the
+# Dockerfiles' defaults (CUDA base and PyPI's CUDA torch for the SuperNode) with docker or
+# podman, which needs a registry.
+#
+# Prints one line per image: name, seconds, size in bytes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tag=${FEDSD_IMAGE_TAG:-ci}
+cuda=0
+services=()
+while [ $# -gt 0 ]; do
+    case $1 in
+    --tag) tag=$2; shift 2 ;;
+    --cuda) cuda=1; shift ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) services+=("$1"); shift ;;
+    esac
+done
+[ ${#services[@]} -gt 0 ] || services=(superlink supernode serverapp)
+engine=${FEDSD_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
+
+args=()
+if [ "$cuda" = 0 ]; then
+    base=${FEDSD_BASE_IMAGE:-localhost/fedsd-base:bookworm}
+    args+=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_SPEC=${FEDSD_TORCH_SPEC:-torch==2.13.0+cpu}"
+        --build-arg PIP_EXTRA_INDEX_URL=)
+    ca=${FEDSD_HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
+    if [ -r "$ca" ]; then
+        args+=(--volume "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+    fi
+    links=${FEDSD_WHEELS:-$(pip config get global.find-links 2>/dev/null || true)}
+    links=${links:-${PIP_FIND_LINKS:-}}
+    if [ -n "$links" ] && [ -d "$links" ]; then
+        args+=(--volume "$links:/run/wheels:ro" --build-arg PIP_FIND_LINKS=/run/wheels)
+    fi
+fi
+[ "$engine" = podman ] && args+=(--format docker)
+
+for svc in "${services[@]}"; do
+    image=localhost/fedsd-$svc:$tag
+    start=$(date +%s)
+    log=${TMPDIR:-/tmp}/fedsd-build-$svc.log
+    if ! "$engine" build -f "services/$svc/Dockerfile" -t "$image" "${args[@]}" . >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        echo "build of $image failed; full log: $log" >&2
+        exit 1
+    fi
+    size=$("$engine" image inspect -f '{{.Size}}' "$image")
+    echo "$image $(($(date +%s) - start))s ${size}B"
+done

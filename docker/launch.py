@@ -1,0 +1,126 @@
+"""One-shot launcher of a compose deployment: register the node keys, submit the run, stream
+it, and exit with the run's status (0 only for ``finished:completed``).
+
+Settings (environment; defaults in brackets):
+
+    SUPERLINK_ADDRESS     the SuperLink's Control API, host:port [superlink:9092]
+    FEDSD_CERTS           certs folder: ca.crt and nodes/node-<i>.pub [/certs]
+    FEDSD_NUM_NODES       how many node keys to register; min-nodes defaults to it [2]
+    FEDSD_ROUNDS          num-server-rounds [app default]
+    FEDSD_PRIVACY         privacy mode, e.g. secagg+dp-sample [app default: none]
+    FEDSD_MODEL           model: hub id or a directory as the SuperNodes and the ServerApp
+                          see it [app default]
+    FEDSD_OUT_DIR         out-dir as the ServerApp container sees it [/out]
+    FEDSD_RUN_CONFIG      more run-config pairs, e.g. "resolution=64 local-epochs=2"
+    FEDSD_TIMEOUT         seconds before giving up on the run [none]
+    FEDSD_APP_DIR         the Flower app to submit [/app]
+
+The values are checked (fedsd.config) before anything is submitted. ``flwr run --stream``
+exits 0 even when the ServerApp fails, so the verdict comes from ``flwr ls --run-id``, as
+in ``fedsd up`` (both use fedsd.deploy.LocalDeployment for the flwr calls).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fedsd.certs import NodeKey
+from fedsd.config import ConfigError, RunConfig
+from fedsd.deploy import (
+    CONNECTION,
+    DeployError,
+    LocalDeployment,
+    build_run_config,
+    check_privacy_for_nodes,
+    format_config_pairs,
+    parse_run_config,
+)
+
+
+def log(message: str) -> None:
+    print(f"fedsd launch: {message}", flush=True)
+
+
+def wait_healthy(address: str, ca: Path, timeout: float) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    url = f"https://{address}/health"
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=3) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(1.0)
+    raise DeployError(f"SuperLink not healthy at {url} after {timeout:.0f}s: {last}")
+
+
+def main() -> int:
+    env = os.environ
+    address = env.get("SUPERLINK_ADDRESS", "superlink:9092")
+    certs = Path(env.get("FEDSD_CERTS", "/certs"))
+    ca = Path(env.get("FEDSD_CA_CERT", str(certs / "ca.crt")))
+    nodes = int(env.get("FEDSD_NUM_NODES", "2"))
+    app = Path(env.get("FEDSD_APP_DIR", "/app"))
+    timeout = float(env["FEDSD_TIMEOUT"]) if env.get("FEDSD_TIMEOUT") else None
+
+    overrides = parse_run_config(env.get("FEDSD_RUN_CONFIG", ""))
+    overrides.setdefault("min-nodes", nodes)
+    overrides["out-dir"] = env.get("FEDSD_OUT_DIR", "/out")
+    if env.get("FEDSD_MODEL"):
+        overrides["model"] = env["FEDSD_MODEL"]
+    rounds = int(env["FEDSD_ROUNDS"]) if env.get("FEDSD_ROUNDS") else None
+    privacy = env.get("FEDSD_PRIVACY") or None
+    try:
+        overrides, effective = build_run_config(app, overrides, rounds=rounds, privacy=privacy)
+        check_privacy_for_nodes(RunConfig.from_mapping(effective), nodes)
+    except ConfigError as exc:
+        log(f"error: {exc}")
+        return 2
+    keys = [
+        NodeKey(certs / "nodes" / f"node-{i}", certs / "nodes" / f"node-{i}.pub")
+        for i in range(nodes)
+    ]
+    missing = [str(k.public_key) for k in keys if not k.public_key.is_file()]
+    if missing:
+        log(f"error: node public key(s) missing: {', '.join(missing)} (run the certs service)")
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="fedsd-launch-"))
+    deployment = LocalDeployment(work, nodes, stream=print)
+    deployment.flwr_home.mkdir(parents=True, exist_ok=True)
+    (deployment.flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca))}\n",
+        encoding="utf-8",
+    )
+    try:
+        wait_healthy(address, ca, float(env.get("FEDSD_STARTUP_TIMEOUT", "120")))
+        for key, outcome in deployment.register_nodes(keys).items():
+            log(f"{key}: {outcome}")
+        log(f"submitting {app} with --run-config {format_config_pairs(overrides)}")
+        result = deployment.submit(app, overrides, timeout=timeout)
+    except DeployError as exc:
+        log(f"error: {exc}")
+        return 1
+    if result.exit_code == 0:
+        log(f"run {result.run_id} {result.status} in {result.seconds:.1f}s")
+    else:
+        why = f": {result.details}" if result.details else ""
+        log(f"run {result.run_id} ended as {result.status}{why}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

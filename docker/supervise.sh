@@ -1,0 +1,47 @@
+# Sourced by the supernode and serverapp entrypoints (bash): run a Flower service in the
+# foreground of this shell (PID 1 of the container), optionally next to a warm app
+# launcher, forward SIGTERM/SIGINT to it and exit with its status.
+#
+#   supervise ENTRY COMMAND...     ENTRY: flwr-clientapp or flwr-serverapp
+#
+# With FEDSD_WARM_START=1 (the default) `fedsd app-launcher` imports torch, diffusers, peft
+# and opacus once and forks each ENTRY process that COMMAND starts (the shim in
+# /opt/fedsd/shim is first on PATH and finds the launcher through FEDSD_LAUNCHER_SOCKET).
+# Until the launcher listens, or if it dies, the shim runs the plain command: nothing
+# depends on it. See fedsd/warmstart.py.
+supervise() {
+    local entry=$1
+    shift
+    local launcher="" main status
+    if [ "${FEDSD_WARM_START:-1}" = 1 ]; then
+        local run_dir
+        run_dir=$(mktemp -d "${TMPDIR:-/tmp}/fedsd-launcher.XXXXXX")
+        fedsd app-launcher --socket "$run_dir/$entry.sock" &
+        launcher=$!
+        export FEDSD_LAUNCHER_SOCKET="$run_dir/$entry.sock"
+        export PATH="/opt/fedsd/shim:$PATH"
+    fi
+    "$@" &
+    main=$!
+    # shellcheck disable=SC2064  # expand the pids now
+    trap "kill -TERM $main 2>/dev/null || true" TERM INT
+    set +e
+    wait "$main"
+    status=$?
+    while kill -0 "$main" 2>/dev/null; do  # a trapped signal interrupted wait: wait again
+        wait "$main"
+        status=$?
+    done
+    if [ -n "$launcher" ]; then
+        kill -TERM "$launcher" 2>/dev/null
+        wait "$launcher" 2>/dev/null
+    fi
+    return "$status"
+}
+
+require_file() {  # PATH WHAT: exit 78 (configuration error) naming what is missing
+    if [ ! -r "$1" ]; then
+        echo "$(basename "$0"): $2 $1 is missing or unreadable by uid $(id -u)" >&2
+        exit 78
+    fi
+}

@@ -1,0 +1,49 @@
+#!/bin/bash
+# ServerApp image: `superexec [EXTRA FLAGS]` (default), `certs`, `launch`, `health`, or any
+# command.
+#
+#   superexec  flower-superexec for ServerApps: polls the SuperLink's Runtime API and starts
+#              one ServerApp process per run (forked from a warm launcher, FEDSD_WARM_START)
+#   certs      fedsd certs --out $FEDSD_CERTS --nodes $FEDSD_NUM_NODES [--host H ...
+#              from FEDSD_CERT_HOSTS]; as root it then hands the files to APP_UID (10001)
+#   launch     register the node keys, flwr run --stream, exit with the run's status
+#              (docker/launch.py; settings from FEDSD_* variables, see there)
+#
+# Environment: SUPERLINK_ADDRESS (Runtime/Control API, host:port) [superlink:9092],
+# FEDSD_CERTS [/certs], FEDSD_CA_CERT [$FEDSD_CERTS/ca.crt], SUPEREXEC_HEALTH_PORT [9096].
+set -euo pipefail
+# shellcheck source=docker/supervise.sh
+. /opt/fedsd/supervise.sh
+certs=${FEDSD_CERTS:-/certs}
+ca=${FEDSD_CA_CERT:-$certs/ca.crt}
+
+case ${1:-superexec} in
+superexec)
+    shift || true
+    require_file "$ca" "CA certificate"
+    supervise flwr-serverapp flower-superexec \
+        --runtime-api-address "${SUPERLINK_ADDRESS:-superlink:9092}" \
+        --root-certificates "$ca" \
+        --health-server-address "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}" \
+        "$@"
+    ;;
+certs)
+    shift
+    hosts=()
+    for h in ${FEDSD_CERT_HOSTS:-}; do hosts+=(--host "$h"); done
+    fedsd certs --out "$certs" --nodes "${FEDSD_NUM_NODES:-2}" "${hosts[@]}" "$@"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R "${APP_UID:-10001}:${APP_UID:-10001}" "$certs"
+    fi
+    ;;
+launch)
+    shift
+    exec python /opt/fedsd/launch.py "$@"
+    ;;
+health)
+    exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}"
+    ;;
+*)
+    exec "$@"
+    ;;
+esac

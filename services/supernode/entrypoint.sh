@@ -1,0 +1,50 @@
+#!/bin/bash
+# SuperNode container: `supernode [EXTRA FLAGS]` (default), `health`, or any command.
+#
+# Environment (defaults in brackets):
+#   SUPERLINK_ADDRESS      the SuperLink's Fleet API as host:port [superlink:9092]; in
+#                          compose.yaml the fleet proxy, which passes only Fleet paths
+#   FEDSD_CA_CERT          CA certificate that signed the SuperLink's [$FEDSD_CERTS/ca.crt]
+#   FEDSD_NODE_KEY         this node's auth private key [/run/fedsd/node-key]
+#   FEDSD_NODE_INDEX       partition-id of this node [0]; FEDSD_NUM_NODES [1]
+#   FEDSD_SHARD_DIR        the node's shard, mounted read-only [/data/shard]
+#   FEDSD_CACHE_DIR        latent cache and DP ledgers, writable [/data/cache]
+#   FEDSD_NODE_CONFIG      extra node-config pairs, e.g. 'device="cuda:0"' []
+#   SUPERNODE_PORT         the SuperNode's own Runtime API on 127.0.0.1 [9094]
+#   SUPERNODE_HEALTH_PORT  gRPC health server on 127.0.0.1 [9095]
+#   FEDSD_WARM_START       1: fork ClientApps from a launcher with torch imported [1]
+set -euo pipefail
+# shellcheck source=docker/supervise.sh
+. /opt/fedsd/supervise.sh
+
+case ${1:-supernode} in
+supernode)
+    shift || true
+    ca=${FEDSD_CA_CERT:-${FEDSD_CERTS:-/certs}/ca.crt}
+    key=${FEDSD_NODE_KEY:-/run/fedsd/node-key}
+    shard=${FEDSD_SHARD_DIR:-/data/shard}
+    cache=${FEDSD_CACHE_DIR:-/data/cache}
+    require_file "$ca" "CA certificate"
+    require_file "$key" "node key"
+    require_file "$shard/train/metadata.jsonl" "shard (fedsd shards --out DIR writes DIR/shard-<i>/):"
+    mkdir -p "$cache"
+    config="partition-id=${FEDSD_NODE_INDEX:-0} num-partitions=${FEDSD_NUM_NODES:-1}"
+    config+=" shard-dir=\"$shard\" cache-dir=\"$cache\" ${FEDSD_NODE_CONFIG:-}"
+    supervise flwr-clientapp flower-supernode \
+        --superlink "${SUPERLINK_ADDRESS:-superlink:9092}" \
+        --root-certificates "$ca" \
+        --auth-supernode-private-key "$key" \
+        --isolation subprocess \
+        --host 127.0.0.1 \
+        --port "${SUPERNODE_PORT:-9094}" \
+        --health-server-address "127.0.0.1:${SUPERNODE_HEALTH_PORT:-9095}" \
+        --node-config "$config" \
+        "$@"
+    ;;
+health)
+    exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPERNODE_HEALTH_PORT:-9095}"
+    ;;
+*)
+    exec "$@"
+    ;;
+esac
