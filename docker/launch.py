@@ -1,5 +1,8 @@
-"""One-shot launcher of a compose deployment: register the node keys, submit the run, stream
-it, and exit with the run's status (0 only for ``finished:completed``).
+"""One-shot clients of the SuperLink's Control API in a compose deployment.
+
+    launch.py register   register the node public keys (already registered is fine)
+    launch.py run        submit the run, stream it, exit with the run's status
+                         (0 only for ``finished:completed``)
 
 Settings (environment; defaults in brackets):
 
@@ -66,37 +69,8 @@ def wait_healthy(address: str, ca: Path, timeout: float) -> None:
     raise DeployError(f"SuperLink not healthy at {url} after {timeout:.0f}s: {last}")
 
 
-def main() -> int:
-    env = os.environ
-    address = env.get("SUPERLINK_ADDRESS", "superlink:9092")
-    certs = Path(env.get("FEDSD_CERTS", "/certs"))
-    ca = Path(env.get("FEDSD_CA_CERT", str(certs / "ca.crt")))
-    nodes = int(env.get("FEDSD_NUM_NODES", "2"))
-    app = Path(env.get("FEDSD_APP_DIR", "/app"))
-    timeout = float(env["FEDSD_TIMEOUT"]) if env.get("FEDSD_TIMEOUT") else None
-
-    overrides = parse_run_config(env.get("FEDSD_RUN_CONFIG", ""))
-    overrides.setdefault("min-nodes", nodes)
-    overrides["out-dir"] = env.get("FEDSD_OUT_DIR", "/out")
-    if env.get("FEDSD_MODEL"):
-        overrides["model"] = env["FEDSD_MODEL"]
-    rounds = int(env["FEDSD_ROUNDS"]) if env.get("FEDSD_ROUNDS") else None
-    privacy = env.get("FEDSD_PRIVACY") or None
-    try:
-        overrides, effective = build_run_config(app, overrides, rounds=rounds, privacy=privacy)
-        check_privacy_for_nodes(RunConfig.from_mapping(effective), nodes)
-    except ConfigError as exc:
-        log(f"error: {exc}")
-        return 2
-    keys = [
-        NodeKey(certs / "nodes" / f"node-{i}", certs / "nodes" / f"node-{i}.pub")
-        for i in range(nodes)
-    ]
-    missing = [str(k.public_key) for k in keys if not k.public_key.is_file()]
-    if missing:
-        log(f"error: node public key(s) missing: {', '.join(missing)} (run the certs service)")
-        return 2
-
+def deployment_for(address: str, ca: Path, nodes: int) -> LocalDeployment:
+    """fedsd.deploy's flwr wrapper, pointed at ``address`` through its own FLWR_HOME."""
     work = Path(tempfile.mkdtemp(prefix="fedsd-launch-"))
     deployment = LocalDeployment(work, nodes, stream=print)
     deployment.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -105,15 +79,41 @@ def main() -> int:
         f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca))}\n",
         encoding="utf-8",
     )
+    return deployment
+
+
+def register(deployment: LocalDeployment, certs: Path, nodes: int) -> int:
+    keys = [
+        NodeKey(certs / "nodes" / f"node-{i}", certs / "nodes" / f"node-{i}.pub")
+        for i in range(nodes)
+    ]
+    missing = [str(k.public_key) for k in keys if not k.public_key.is_file()]
+    if missing:
+        log(f"error: node public key(s) missing: {', '.join(missing)} (run the certs service)")
+        return 2
+    for key, outcome in deployment.register_nodes(keys).items():
+        log(f"{key}: {outcome}")
+    return 0
+
+
+def run(deployment: LocalDeployment, app: Path, nodes: int) -> int:
+    env = os.environ
+    overrides = parse_run_config(env.get("FEDSD_RUN_CONFIG", ""))
+    overrides.setdefault("min-nodes", nodes)
+    overrides["out-dir"] = env.get("FEDSD_OUT_DIR", "/out")
+    if env.get("FEDSD_MODEL"):
+        overrides["model"] = env["FEDSD_MODEL"]
+    rounds = int(env["FEDSD_ROUNDS"]) if env.get("FEDSD_ROUNDS") else None
+    privacy = env.get("FEDSD_PRIVACY") or None
+    timeout = float(env["FEDSD_TIMEOUT"]) if env.get("FEDSD_TIMEOUT") else None
     try:
-        wait_healthy(address, ca, float(env.get("FEDSD_STARTUP_TIMEOUT", "120")))
-        for key, outcome in deployment.register_nodes(keys).items():
-            log(f"{key}: {outcome}")
-        log(f"submitting {app} with --run-config {format_config_pairs(overrides)}")
-        result = deployment.submit(app, overrides, timeout=timeout)
-    except DeployError as exc:
+        overrides, effective = build_run_config(app, overrides, rounds=rounds, privacy=privacy)
+        check_privacy_for_nodes(RunConfig.from_mapping(effective), nodes)
+    except ConfigError as exc:
         log(f"error: {exc}")
-        return 1
+        return 2
+    log(f"submitting {app} with --run-config {format_config_pairs(overrides)}")
+    result = deployment.submit(app, overrides, timeout=timeout)
     if result.exit_code == 0:
         log(f"run {result.run_id} {result.status} in {result.seconds:.1f}s")
     else:
@@ -122,5 +122,25 @@ def main() -> int:
     return result.exit_code
 
 
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("register", "run"):
+        print("usage: launch.py register|run", file=sys.stderr)
+        return 2
+    env = os.environ
+    address = env.get("SUPERLINK_ADDRESS", "superlink:9092")
+    certs = Path(env.get("FEDSD_CERTS", "/certs"))
+    ca = Path(env.get("FEDSD_CA_CERT", str(certs / "ca.crt")))
+    nodes = int(env.get("FEDSD_NUM_NODES", "2"))
+    deployment = deployment_for(address, ca, nodes)
+    try:
+        wait_healthy(address, ca, float(env.get("FEDSD_STARTUP_TIMEOUT", "120")))
+        if argv[0] == "register":
+            return register(deployment, certs, nodes)
+        return run(deployment, Path(env.get("FEDSD_APP_DIR", "/app")), nodes)
+    except DeployError as exc:
+        log(f"error: {exc}")
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

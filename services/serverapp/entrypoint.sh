@@ -5,8 +5,12 @@
 #   superexec  flower-superexec for ServerApps: polls the SuperLink's Runtime API and starts
 #              one ServerApp process per run (forked from a warm launcher, FEDSD_WARM_START)
 #   certs      fedsd certs --out $FEDSD_CERTS --nodes $FEDSD_NUM_NODES [--host H ...
-#              from FEDSD_CERT_HOSTS]; as root it then hands the files to APP_UID (10001)
-#   launch     register the node keys, flwr run --stream, exit with the run's status
+#              from FEDSD_CERT_HOSTS], then each consumer's part in its own folder (so a
+#              container mounts only what it needs): superlink/ (ca.crt, superlink.crt,
+#              superlink.key), node-<i>/ (ca.crt, node-key), public/ (ca.crt,
+#              nodes/node-<i>.pub). As root it hands the files to APP_UID (10001).
+#   launch register|run
+#              register the node keys / flwr run --stream and exit with the run's status
 #              (docker/launch.py; settings from FEDSD_* variables, see there)
 #
 # Environment: SUPERLINK_ADDRESS (Runtime/Control API, host:port) [superlink:9092],
@@ -31,10 +35,23 @@ certs)
     shift
     hosts=()
     for h in ${FEDSD_CERT_HOSTS:-}; do hosts+=(--host "$h"); done
-    fedsd certs --out "$certs" --nodes "${FEDSD_NUM_NODES:-2}" "${hosts[@]}" "$@"
+    nodes=${FEDSD_NUM_NODES:-2}
+    fedsd certs --out "$certs" --nodes "$nodes" "${hosts[@]}" "$@"
+    umask 022
+    install -d "$certs/superlink" "$certs/public/nodes"
+    install -m 0644 "$certs/ca.crt" "$certs/superlink.crt" "$certs/superlink/"
+    install -m 0600 "$certs/superlink.key" "$certs/superlink/"
+    install -m 0644 "$certs/ca.crt" "$certs/public/"
+    for ((i = 0; i < nodes; i++)); do
+        install -d "$certs/node-$i"
+        install -m 0644 "$certs/ca.crt" "$certs/node-$i/ca.crt"
+        install -m 0600 "$certs/nodes/node-$i" "$certs/node-$i/node-key"
+        install -m 0644 "$certs/nodes/node-$i.pub" "$certs/public/nodes/"
+    done
     if [ "$(id -u)" = 0 ]; then
         chown -R "${APP_UID:-10001}:${APP_UID:-10001}" "$certs"
     fi
+    echo "certs: $certs/superlink, $certs/public and $certs/node-0..$((nodes - 1)) ready"
     ;;
 launch)
     shift
