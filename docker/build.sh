@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the images with podman (or docker), CPU variant by default for CI:
 #
-#   docker/build.sh [--tag TAG] [--cuda] [SERVICE...]     SERVICE: superlink supernode serverapp
+#   docker/build.sh [--tag TAG] [--cuda] [SERVICE...]   SERVICE: superlink supernode serverapp fleet-proxy
 #
 # CI variant (default): base localhost/fedsd-base:bookworm (docker/ci-setup.sh makes it),
 # torch==2.13.0+cpu from the local wheel directory that pip's configuration on these
@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     *) services+=("$1"); shift ;;
     esac
 done
-[ ${#services[@]} -gt 0 ] || services=(superlink supernode serverapp)
+[ ${#services[@]} -gt 0 ] || services=(superlink supernode serverapp fleet-proxy)
 engine=${FEDSD_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
 
 args=()

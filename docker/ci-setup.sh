@@ -109,8 +109,10 @@ say "$("$VENV/bin/docker-compose" version | head -1); hadolint $("$VENV/bin/hado
 
 # -- 4. base image --------------------------------------------------------------------------
 if podman image exists "$BASE_IMAGE" \
-    && [ "$(podman run --rm "$BASE_IMAGE" stat -c %a / 2>/dev/null)" != 755 ]; then
-    podman rmi -f "$BASE_IMAGE" >/dev/null  # an earlier version of this script left / at 0700
+    && ! podman run --rm "$BASE_IMAGE" bash -c \
+        '[ "$(stat -c %a /)" = 755 ] && grep -q bookworm-security /etc/apt/sources.list' \
+        >/dev/null 2>&1; then
+    podman rmi -f "$BASE_IMAGE" >/dev/null  # made by an earlier version of this script
 fi
 if podman image exists "$BASE_IMAGE"; then
     say "base image $BASE_IMAGE already there"
@@ -122,6 +124,11 @@ else
         || { tail -20 /var/tmp/fedsd-debootstrap.log >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     chmod 0755 "$rootfs"  # mktemp made it 0700: the image's / would be closed to non-root users
+    # The suites a debian:bookworm image has (debootstrap writes only the release itself;
+    # pinned package versions such as the fleet proxy's HAProxy come from security updates).
+    printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb %s bookworm-security main\n' \
+        "$DEBIAN_MIRROR" "$DEBIAN_MIRROR" "${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}" \
+        >"$rootfs/etc/apt/sources.list"
     tar -C "$rootfs" -c . | podman import --quiet \
         --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"

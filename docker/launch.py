@@ -74,6 +74,7 @@ def deployment_for(address: str, ca: Path, nodes: int) -> LocalDeployment:
     work = Path(tempfile.mkdtemp(prefix="fedsd-launch-"))
     deployment = LocalDeployment(work, nodes, stream=print)
     deployment.flwr_home.mkdir(parents=True, exist_ok=True)
+    deployment.log_dir.mkdir(parents=True, exist_ok=True)
     (deployment.flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(ca))}\n",
