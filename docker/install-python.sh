@@ -1,11 +1,11 @@
 #!/bin/bash
 # Shared by every image: a Python venv in /opt/venv with pinned packages, and the app user.
 #
-#   install-python.sh [--deps-of PYPROJECT] REQUIREMENT...
+#   install-python.sh [-r REQUIREMENTS_FILE] REQUIREMENT...
 #
-# REQUIREMENT: pip specs, e.g. "flwr==1.41.0" or "$TORCH_SPEC"; --deps-of adds the
-# [project] dependencies of a pyproject.toml (the project itself is installed later, so
-# that a code change does not reinstall torch).
+# REQUIREMENT: pip specs, e.g. "flwr==1.41.0" or "$TORCH_SPEC"; -r adds the lines of a
+# requirements file (docker/requirements.txt: fedsd's dependencies; the project itself is
+# installed later, so that a code change does not reinstall torch).
 #
 # Works on Debian and Ubuntu bases (debian:bookworm-slim, nvidia/cuda:*-ubuntu24.04, the
 # CI base from debootstrap): python3 and its venv module come from apt only when the base
@@ -27,9 +27,8 @@ python3 -m venv /opt/venv
 reqs=()
 while [ $# -gt 0 ]; do
     case $1 in
-    --deps-of)
-        mapfile -t deps < <(/opt/venv/bin/python -c 'import sys, tomllib
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' "$2")
+    -r)
+        mapfile -t deps < <(grep -v -E '^\s*(#|$)' "$2")
         reqs+=("${deps[@]}")
         shift 2
         ;;

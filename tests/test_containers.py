@@ -1,0 +1,370 @@
+"""Container deployment (issue 4): hadolint, ``docker compose config`` with the real Compose
+binary, and a real run: podman builds the images (CPU variant, debootstrap base), Compose
+drives podman through its API socket with the CI override (host network, loopback ports),
+2 SuperNodes x 2 rounds on the tiny model and synthetic shards.
+
+Never skipped: a machine without podman, Compose, hadolint or the base image fails these
+tests with the reason and the command that sets it up (``bash docker/ci-setup.sh``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.containers
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = ("superlink", "supernode", "serverapp", "fleet-proxy")
+BASE_IMAGE = os.environ.get("FEDSD_BASE_IMAGE", "localhost/fedsd-base:bookworm")
+TAG = os.environ.get("FEDSD_IMAGE_TAG", "ci")
+SETUP_HINT = "set the machine up with: bash docker/ci-setup.sh .venv (as root)"
+APP_UID = 10001
+
+
+def _tool(name: str) -> str:
+    """A command from this venv or PATH; fail (never skip) naming how to get it."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"`{name}` not found: the container tests need it; {SETUP_HINT}")
+    return found
+
+
+def _compose_cmd(*files: str) -> list[str]:
+    cmd = [_tool("docker-compose")]
+    for f in files:
+        cmd += ["-f", str(REPO / f)]
+    return cmd
+
+
+def _run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, check=True):
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+    )
+    if check and res.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_hadolint_every_dockerfile():
+    dockerfiles = sorted(REPO.glob("services/*/Dockerfile"))
+    assert {p.parent.name for p in dockerfiles} == set(SERVICES)
+    res = _run([_tool("hadolint"), *map(str, dockerfiles)], timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _config(*files: str, env: dict[str, str] | None = None) -> dict:
+    res = _run([*_compose_cmd(*files), "config", "--format", "json"], timeout=60, env=env)
+    return json.loads(res.stdout)
+
+
+def test_compose_config_is_valid_and_hardened():
+    cfg = _config("compose.yaml")
+    services = cfg["services"]
+    assert {
+        "certs",
+        "superlink",
+        "fleet-proxy",
+        "register",
+        "serverapp",
+        "supernode-0",
+        "supernode-1",
+        "launcher",
+    } <= set(services)
+    for name, svc in services.items():
+        assert svc.get("read_only") is True, name
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+    # Control/Runtime side on an internal network; SuperNodes only on the fleet network.
+    assert cfg["networks"]["backend"].get("internal") is True
+    for i in (0, 1):
+        node = services[f"supernode-{i}"]
+        assert set(node["networks"]) == {"fleet"}
+        assert node["environment"]["SUPERLINK_ADDRESS"] == "fleet-proxy:9092"
+        devices = node["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        shard = next(v for v in node["volumes"] if v["target"] == "/data/shard")
+        assert shard["read_only"] is True and shard["source"].endswith(f"shard-{i}")
+        key = next(v for v in node["volumes"] if v["target"] == "/certs")
+        assert key["read_only"] is True and key["source"].endswith(f"node-{i}")
+    assert set(services["superlink"]["networks"]) == {"backend"}
+    assert services["superlink"]["restart"] == "unless-stopped"
+    assert any(v["target"] == "/data" for v in services["superlink"]["volumes"])
+    dep = services["launcher"]["depends_on"]
+    assert dep["serverapp"]["condition"] == "service_healthy"
+    assert services["superlink"]["depends_on"]["certs"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+def test_compose_ci_override_uses_only_the_host_network():
+    cfg = _config("compose.yaml", "compose.ci.yaml")
+    for name, svc in cfg["services"].items():
+        if name == "certs":
+            assert svc["network_mode"] == "none"
+            continue
+        assert svc.get("network_mode") == "host", name
+        assert not svc.get("networks"), name
+        assert not svc.get("ports"), name
+        assert "deploy" not in svc, name
+
+
+def test_image_requirements_match_pyproject():
+    import tomllib
+
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        wanted = tomllib.load(fh)["project"]["dependencies"]
+    lines = (REPO / "docker" / "requirements.txt").read_text().splitlines()
+    got = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert got == wanted, "regenerate docker/requirements.txt from pyproject.toml"
+    constraints = (REPO / "docker" / "constraints.txt").read_text().lower()
+    for req in wanted:
+        name, _, version = req.partition("==")
+        if name != "torch":
+            assert f"{name.lower()}=={version}" in constraints.replace("_", "-"), req
+
+
+# --------------------------------------------------------------------------- the real run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _podman() -> str:
+    podman = _tool("podman")
+    res = _run([podman, "image", "exists", BASE_IMAGE], timeout=60, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"base image {BASE_IMAGE} not found; {SETUP_HINT}")
+    return podman
+
+
+@contextlib.contextmanager
+def _podman_service(podman: str, root: Path) -> Iterator[str]:
+    """``podman system service`` on a private socket: what Compose talks to."""
+    sock = root / "podman.sock"
+    log = (root / "podman-service.log").open("wb")
+    proc = subprocess.Popen(
+        [podman, "system", "service", "--time=0", f"unix://{sock}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                service_log = (root / "podman-service.log").read_text()
+                pytest.fail(f"podman system service did not start: {service_log}")
+            time.sleep(0.2)
+        yield f"unix://{sock}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@contextlib.contextmanager
+def _health_ticker(podman: str, project: str) -> Iterator[None]:
+    """Run the containers' HEALTHCHECKs every 2 s.
+
+    Docker's daemon runs them itself; podman 4.3 schedules them with systemd timers, and
+    with no systemd (CI machines) a container stays "starting" forever, so Compose's
+    ``condition: service_healthy`` would never be met. This does what the timer would.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            res = subprocess.run(
+                [podman, "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                capture_output=True,
+                text=True,
+            )
+            procs = [
+                subprocess.Popen(
+                    [podman, "healthcheck", "run", cid],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for cid in res.stdout.split()
+            ]
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=30)
+            stop.wait(2.0)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=40)
+
+
+def _https_status(url: str, ca: Path, method: str = "GET") -> int:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    req = urllib.request.Request(
+        url,
+        method=method,
+        data=b"" if method == "POST" else None,
+        headers={"Content-Type": "application/protobuf"},
+    )
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _fedsd(*args: str, timeout: float = 300) -> None:
+    _run([sys.executable, "-m", "fedsd.cli", *args], timeout=timeout)
+
+
+@pytest.mark.timeout(3600)
+def test_compose_up_trains_end_to_end(tmp_path):
+    podman = _podman()
+    timings: dict[str, float] = {}
+
+    t0 = time.monotonic()
+    res = _run(["bash", str(REPO / "docker" / "build.sh"), "--tag", TAG], timeout=3000)
+    timings["build"] = time.monotonic() - t0
+    print(res.stdout)  # image, seconds, size: one line each
+
+    root = tmp_path
+    _fedsd("tiny-model", "--out", str(root / "models" / "tiny"))
+    _fedsd("shards", "--source", "synthetic", "--num-shards", "2", "--out", str(root / "shards"))
+    out, certs = root / "out", root / "certs"
+    out.mkdir()
+    certs.mkdir()
+    os.chown(out, APP_UID, APP_UID)  # the ServerApp writes here as uid 10001
+    for path in (root / "models", root / "shards"):  # read by uid 10001
+        for p in [path, *path.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+    project = f"fedsdtest{os.getpid()}"
+    ports = {
+        "FEDSD_CI_SUPERLINK_PORT": _free_port(),
+        "FEDSD_CI_PROXY_PORT": _free_port(),
+        "FEDSD_CI_PROXY_HEALTH_PORT": _free_port(),
+        "FEDSD_CI_SUPEREXEC_HEALTH_PORT": _free_port(),
+        "FEDSD_CI_NODE0_PORT": _free_port(),
+        "FEDSD_CI_NODE0_HEALTH_PORT": _free_port(),
+        "FEDSD_CI_NODE1_PORT": _free_port(),
+        "FEDSD_CI_NODE1_HEALTH_PORT": _free_port(),
+    }
+    with _podman_service(podman, root) as docker_host:
+        env = {
+            **os.environ,
+            **{k: str(v) for k, v in ports.items()},
+            "DOCKER_HOST": docker_host,
+            "COMPOSE_BAKE": "false",
+            "DOCKER_BUILDKIT": "0",
+            "COMPOSE_PROJECT_NAME": project,
+            "FEDSD_IMAGE_PREFIX": "localhost/fedsd",
+            "FEDSD_TAG": TAG,
+            "FEDSD_CERTS_DIR": str(certs),
+            "FEDSD_SHARDS": str(root / "shards"),
+            "FEDSD_MODELS": str(root / "models"),
+            "FEDSD_MODEL": "/models/tiny",
+            "FEDSD_OUT": str(out),
+            "FEDSD_ROUNDS": "2",
+            "FEDSD_RUN_CONFIG": "resolution=64",
+            "FEDSD_TIMEOUT": "900",
+        }
+        compose = _compose_cmd("compose.yaml", "compose.ci.yaml")
+        try:
+            with _health_ticker(podman, project):
+                t0 = time.monotonic()
+                _run([*compose, "up", "-d", "--no-build"], timeout=1200, env=env)
+                timings["up"] = time.monotonic() - t0
+                t0 = time.monotonic()
+                # `compose run` exits 0 whatever the container did under podman 4.3;
+                # `compose wait` returns the launcher's own exit status.
+                waited = _run([*compose, "wait", "launcher"], timeout=1800, env=env, check=False)
+                timings["run"] = time.monotonic() - t0
+                logs = _run([*compose, "logs", "--no-color", "launcher"], timeout=60, env=env)
+                if waited.returncode != 0:
+                    tails = _run(
+                        [*compose, "logs", "--no-color", "--tail", "40"],
+                        timeout=60,
+                        env=env,
+                        check=False,
+                    )
+                    pytest.fail(
+                        f"launcher exited {waited.returncode}\n{logs.stdout[-6000:]}\n"
+                        f"{tails.stdout}"
+                    )
+                assert "finished:completed" in logs.stdout
+                adapter = out / "latest" / "pytorch_lora_weights.safetensors"
+                assert adapter.is_file() and adapter.stat().st_size > 0
+                history = json.loads((out / "history.json").read_text())
+                rounds = history["rounds"] if isinstance(history, dict) else history
+                assert len(rounds) == 2
+
+                # The SuperNodes' entry point passes the Fleet API and /health only.
+                ca = certs / "ca.crt"
+                proxy = f"https://127.0.0.1:{ports['FEDSD_CI_PROXY_PORT']}"
+                link = f"https://127.0.0.1:{ports['FEDSD_CI_SUPERLINK_PORT']}"
+                assert _https_status(f"{proxy}/health", ca) == 200
+                for path in (
+                    "/v1/control/list-runs",
+                    "/v1/control/register-node",
+                    "/v1/runtime/acquire-task",
+                    "/v1/fleet/../control/list-runs",
+                    "/v1/fleet/%2e%2e/control/list-runs",
+                ):
+                    assert _https_status(proxy + path, ca, "POST") == 403, path
+                # ...while the same Control request straight to the SuperLink is served, and a
+                # Fleet request passes the proxy (the SuperLink itself refuses it: no node auth).
+                assert _https_status(f"{link}/v1/control/list-runs", ca, "POST") == 200
+                assert _https_status(f"{proxy}/v1/fleet/get-run", ca, "POST") == 401
+        finally:
+            t0 = time.monotonic()
+            _run([*compose, "down", "-v", "--remove-orphans"], timeout=600, env=env, check=False)
+            timings["down"] = time.monotonic() - t0
+        left = _run(
+            [podman, "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+            timeout=60,
+        )
+        assert left.stdout.strip() == "", f"containers left after down: {left.stdout}"
+        vols = _run(
+            [
+                podman,
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+            ],
+            timeout=60,
+        )
+        assert vols.stdout.strip() == "", f"volumes left after down -v: {vols.stdout}"
+    print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
