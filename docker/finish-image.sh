@@ -2,7 +2,7 @@
 # Last build step of the supernode and serverapp images (shared, so the two Dockerfiles
 # stay identical up to here and share every layer before it).
 #
-#   finish-image.sh ROLE      ROLE: supernode or serverapp; run from the copied build context
+#   finish-image.sh ROLE      ROLE: supernode or serverapp; run from the build context
 #
 # Installs fedsd itself (its dependencies are already in /opt/venv), keeps the Flower app
 # (pyproject.toml + fedsd/) in /app for `flwr run`, writes the warm-start shims, puts the
@@ -28,4 +28,3 @@ supernode) install -d -o app -g app -m 0750 /data /data/cache ;;
 serverapp) install -d -o app -g app -m 0750 /out ;;
 *) echo "finish-image.sh: unknown role $role" >&2; exit 2 ;;
 esac
-rm -rf "$src"

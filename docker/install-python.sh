@@ -58,4 +58,5 @@ if ! getent passwd app >/dev/null; then
     groupadd --gid "$uid" app
     useradd --uid "$uid" --gid "$uid" --home-dir /home/app --create-home --shell /usr/sbin/nologin app
 fi
+chown app:app /home/app  # a WORKDIR instruction may have created it as root
 install -d -o app -g app -m 0750 /home/app/.flwr
