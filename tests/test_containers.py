@@ -130,6 +130,38 @@ def test_compose_ci_override_uses_only_the_host_network():
         assert "deploy" not in svc, name
 
 
+def test_compose_nodes_override_adds_nodes(tmp_path):
+    override = tmp_path / "compose.nodes.yaml"
+    # compose resolves `extends: {file: compose.yaml}` next to the override: keep it there.
+    (tmp_path / "compose.yaml").symlink_to(REPO / "compose.yaml")
+    _run(
+        [sys.executable, str(REPO / "docker" / "compose_nodes.py"), "4", "--gpus", "2"]
+        + ["--out", str(override)],
+        timeout=60,
+    )
+    env = {**os.environ, "FEDSD_NODES": "4"}
+    res = _run(
+        [_tool("docker-compose"), "-f", str(tmp_path / "compose.yaml"), "-f", str(override)]
+        + ["--project-directory", str(REPO), "config", "--format", "json"],
+        timeout=60,
+        env=env,
+    )
+    services = json.loads(res.stdout)["services"]
+    for i in range(4):
+        node = services[f"supernode-{i}"]
+        assert node["environment"]["FEDSD_NODE_INDEX"] == str(i)
+        assert node["environment"]["FEDSD_NUM_NODES"] == "4"
+        sources = {v["target"]: v["source"] for v in node["volumes"]}
+        assert sources["/data/shard"].endswith(f"shard-{i}")
+        assert sources["/certs"].endswith(f"node-{i}")
+        assert sources["/data/cache"] == f"node-{i}-cache"
+    assert services["supernode-3"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "device_ids"
+    ] == ["1"]
+    assert {f"supernode-{i}" for i in range(4)} <= set(services["launcher"]["depends_on"])
+    assert services["certs"]["environment"]["FEDSD_NUM_NODES"] == "4"
+
+
 def test_image_requirements_match_pyproject():
     import tomllib
 
