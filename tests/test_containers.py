@@ -101,7 +101,8 @@ def test_compose_config_is_valid_and_hardened():
     for i in (0, 1):
         node = services[f"supernode-{i}"]
         assert set(node["networks"]) == {"fleet"}
-        assert node["environment"]["SUPERLINK_ADDRESS"] == "fleet-proxy:9092"
+        assert node["environment"]["SUPERLINK_ADDRESS"] == "fedsd-superlink:9092"
+        assert "fedsd-superlink" in cfg["services"]["fleet-proxy"]["networks"]["fleet"]["aliases"]
         devices = node["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
         shard = next(v for v in node["volumes"] if v["target"] == "/data/shard")
