@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the supernode and serverapp entrypoints (bash): run a Flower service in the
 # foreground of this shell (PID 1 of the container), optionally next to a warm app
 # launcher, forward SIGTERM/SIGINT to it and exit with its status.
