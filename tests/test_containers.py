@@ -356,6 +356,7 @@ def test_compose_up_trains_end_to_end(tmp_path):
                         f"{tails.stdout}"
                     )
                 assert "finished:completed" in logs.stdout
+                print("\n".join(ln for ln in logs.stdout.splitlines() if "fedsd " in ln))
                 adapter = out / "latest" / "pytorch_lora_weights.safetensors"
                 assert adapter.is_file() and adapter.stat().st_size > 0
                 history = json.loads((out / "history.json").read_text())
