@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedsd import metrics as prom
 from fedsd.aggregation import weighted_mean, weighted_metric
 from fedsd.checkpoint import RunDir
 from fedsd.config import RunConfig
@@ -92,6 +93,8 @@ class Federation:
                 _say(str(spent))
                 break
             self.out.save_round(server_round, arrays, record)
+            prom.record_round(self.out.run_key, record)
+            prom.record_checkpoint(self.out.run_key, time.time())
             _say(
                 f"round {server_round}/{cfg.num_server_rounds}: "
                 f"train_loss={_fmt(record['train_loss'])} "
@@ -237,6 +240,7 @@ class Federation:
         if eval_of == 0 or self.out.val_loss_pending(eval_of):
             loss = _none_if_nan(weighted_metric(val))
             self.out.set_val_loss(eval_of, loss, len(val))
+            prom.record_val_loss(self.out.run_key, loss)
             what = "initial adapter (base model)" if eval_of == 0 else f"round {eval_of}"
             _say(f"val_loss {what}: {_fmt(loss)} ({len(val)} nodes)")
 

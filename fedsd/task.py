@@ -84,6 +84,7 @@ class NodeTask:
             self.model_path, "vae", "text_encoder", "tokenizer"
         )
         self.cache_hits = 0
+        self.received_bytes = 0  # the global adapter's payload (set by the ClientApp)
         self._encoders: tuple[Any, Any, Any] | None = None
         from diffusers import AutoencoderKL, DDPMScheduler
 
