@@ -46,17 +46,11 @@ def test_federation_metrics_survive_processes_and_are_served(tiny_model, tmp_pat
         for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
             setattr(TaskIdentity, attr, value)
         from pathlib import Path
-        from tests.test_client import _write_split
-        from tests.test_server import InProcessGrid, _setup
+        from tests.test_server import InProcessGrid, _setup, make_shards
         from fedsd.config import RunConfig
         from fedsd.server_app import Federation
         tmp = Path({str(tmp_path)!r})
-        shards = []
-        for i, n in enumerate((8, 4)):
-            root = tmp / f"shard-{{i}}"
-            _write_split(root / "train", n, i)
-            _write_split(root / "val", 2, 10 + i)
-            shards.append(root)
+        shards = make_shards(tmp)
         rc, contexts = _setup({str(tiny_model)!r}, tmp, shards, privacy="dp-sample",
                               **{{"dp-noise-multiplier": 1.0}})
         Federation(InProcessGrid(contexts), RunConfig.from_mapping(rc)).run()

@@ -71,15 +71,20 @@ class InProcessGrid:
         return replies
 
 
-@pytest.fixture
-def shards(tmp_path):
+def make_shards(root_dir):
+    """Two shards: 8 and 4 training images, 2 validation images each."""
     roots = []
     for i, n in enumerate((8, 4)):
-        root = tmp_path / f"shard-{i}"
+        root = root_dir / f"shard-{i}"
         _write_split(root / "train", n, i)
         _write_split(root / "val", 2, 10 + i)
         roots.append(root)
     return roots
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return make_shards(tmp_path)
 
 
 def _setup(tiny_model, tmp_path, shards, **kw):
