@@ -31,7 +31,7 @@ from fedsd.aggregation import weighted_mean, weighted_metric
 from fedsd.checkpoint import RunDir
 from fedsd.config import RunConfig
 from fedsd.payload import FLAT, pack, unpack
-from fedsd.secagg import send_and_receive
+from fedsd.secagg import pull_replies, send_and_receive
 
 log = logging.getLogger("fedsd")
 app = ServerApp()
@@ -279,7 +279,7 @@ class Federation:
             self.cfg.round_timeout,
             _say,
         )
-        evals = _pull_until(self.grid, eval_ids, self.cfg.round_timeout)
+        evals = pull_replies(self.grid, eval_ids, self.cfg.round_timeout)
         out: dict[str, Any] = {
             "updates": [],
             "losses": [],
@@ -450,19 +450,6 @@ class Federation:
         if push_only:
             return list(self.grid.push_messages(messages)), sent
         return send_and_receive(self.grid, messages, self.cfg.round_timeout), sent
-
-
-def _pull_until(grid: Grid, ids: list[str], timeout: float) -> list[Message]:
-    """Replies to already pushed messages, until all are in or ``timeout``."""
-    pending, out = set(ids), []
-    end = time.monotonic() + timeout
-    while pending and time.monotonic() < end:
-        got = list(grid.pull_messages(pending))
-        out.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending:
-            time.sleep(0.5)
-    return out
 
 
 def _node_records(config: Any, node: int) -> list[dict[str, Any]]:
