@@ -128,22 +128,11 @@ def build_model(model: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
     return Path(resolve_model(model)), "directory"
 
 
-def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
-    """A random pipeline with Tiny-SD's UNet, the SD-1.x VAE and the ViT-L/14 text encoder.
+def sd_shape_unet() -> Any:
+    """The Segmind Tiny-SD (BK-SDM-Tiny) UNet shape with random weights (seed torch first);
+    its parameter count is checked against Tiny-SD's."""
+    from diffusers import UNet2DConditionModel
 
-    NOT a real model (random weights). The tokenizer is fedsd's offline byte-level CLIP
-    BPE (no merges, 514 tokens): one token per byte instead of per word piece, which
-    only changes which of the 77 padded positions hold text, not the text encoder's
-    cost (it always runs on 77 positions).
-    """
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from fedsd.model import write_random_pipeline
-
-    out = Path(out)
-    torch.manual_seed(seed)
-    say("building a random sd-shape pipeline (Tiny-SD UNet, SD-1.x VAE, ViT-L/14 text)")
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -159,6 +148,26 @@ def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
     n_unet = sum(p.numel() for p in unet.parameters())
     if n_unet != TINY_SD_UNET_PARAMS:
         raise AssertionError(f"sd-shape UNet has {n_unet:,} parameters, not Tiny-SD's")
+    return unet
+
+
+def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """A random pipeline with Tiny-SD's UNet, the SD-1.x VAE and the ViT-L/14 text encoder.
+
+    NOT a real model (random weights). The tokenizer is fedsd's offline byte-level CLIP
+    BPE (no merges, 514 tokens): one token per byte instead of per word piece, which
+    only changes which of the 77 padded positions hold text, not the text encoder's
+    cost (it always runs on 77 positions).
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fedsd.model import write_random_pipeline
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    say("building a random sd-shape pipeline (Tiny-SD UNet, SD-1.x VAE, ViT-L/14 text)")
+    unet = sd_shape_unet()
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -133,13 +133,15 @@ from typing import Any
 
 from common import (
     MODEL_KINDS,
-    TINY_SD_UNET_PARAMS,
     emit,
     environment,
     round_floats,
     say,
     set_threads,
     timed,
+)
+from common import (
+    sd_shape_unet as _sd_shape_unet,
 )
 
 ALL_MODES = ("hooks", "ew", "functorch", "ghost")
@@ -208,25 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sd_shape_unet(seed: int) -> Any:
     """The Segmind Tiny-SD UNet shape, random weights, in memory (parameter count checked)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        mid_block_type=None,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    n = sum(p.numel() for p in unet.parameters())
-    if n != TINY_SD_UNET_PARAMS:
-        raise AssertionError(f"sd-shape UNet has {n:,} parameters, not Tiny-SD's")
-    return unet.requires_grad_(False)
+    return _sd_shape_unet().requires_grad_(False)
 
 
 def build_base_unet(model: str, work: Path, seed: int) -> tuple[Any, str]:

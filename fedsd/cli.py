@@ -92,6 +92,13 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics_exporter(args: argparse.Namespace) -> int:
+    from fedsd.metrics import serve_exporter
+
+    serve_exporter(args.port, args.multiproc_dir, args.host)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -154,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the run's output directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_privacy_report)
+
+    p = sub.add_parser(
+        "metrics-exporter",
+        help="serve the Prometheus metrics that fedsd's app processes write",
+        description="Aggregate prometheus-client multiprocess files (written by ClientApps "
+        "or ServerApps started with PROMETHEUS_MULTIPROC_DIR=DIR) and serve them on /metrics.",
+    )
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--multiproc-dir", required=True, help="the apps' PROMETHEUS_MULTIPROC_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    p.set_defaults(func=_cmd_metrics_exporter)
 
     p = sub.add_parser(
         "app-launcher",

@@ -68,6 +68,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bo
     flat, config, legacy = _incoming(msg)
     digest = config.get("lora-a-digest")
     task.load_global_flat(flat, str(digest) if digest else None)
+    task.received_bytes = int(flat.nbytes)
     return task, int(config.get("server-round", 0)), config, legacy
 
 
@@ -115,7 +116,22 @@ def train(msg: Message, context: Context) -> Message:
         "dp-budget-spent": int(result is None),
         "node-seconds": time.perf_counter() - t0,
     }
+    if task.device.type == "cuda":
+        import torch
+
+        metrics["gpu-peak-bytes"] = int(torch.cuda.max_memory_allocated(task.device))
     flat = pack(update)
+    from fedsd import metrics as prom
+
+    prom.record_node_train(
+        context.node_id,
+        run_key,
+        metrics,
+        [r.to_dict() for r in records],
+        server_round,
+        int(flat.nbytes),
+        int(task.received_bytes),
+    )
     if legacy:
         return _fitres_reply(msg, flat, weight, metrics, records_json(records))
     content = RecordDict(
@@ -146,8 +162,12 @@ def _fitres_reply(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation denoising loss of the global adapter at fixed timesteps and noise."""
-    task, _, _, _ = _setup(msg, context)
+    task, _, config, _ = _setup(msg, context)
     loss, n = task.evaluate()
+    from fedsd import metrics as prom
+
+    run_key = str(config.get("run-key", "default"))
+    prom.record_node_eval(context.node_id, run_key, loss, int(task.received_bytes))
     metrics = MetricRecord(
         {"num-examples": n, "val-loss": loss, "val-examples": n, "cache-hits": task.cache_hits}
     )

@@ -550,6 +550,7 @@ class LocalDeployment:
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         extra_env: Mapping[str, str] | None = None,
         warm_apps: bool = False,
+        metrics_port: int | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -572,6 +573,8 @@ class LocalDeployment:
         self.certs: CertMaterial | None = None
         self.services: dict[str, Service] = {}
         self.warm_apps = warm_apps
+        # Prometheus: the ServerApp's exporter on metrics_port, SuperNode i's on +1+i
+        self.metrics_port = metrics_port
 
     # -- context manager ------------------------------------------------------------------
 
@@ -792,6 +795,8 @@ class LocalDeployment:
             str(certs.ca_cert),
         ]
         env = dict(self.env)
+        if self.metrics_port is not None:
+            env.update(self.start_exporter("metrics-serverapp", self.metrics_port, env))
         if self.warm_apps:
             env.update(self.start_launcher("launcher-serverapp", "flwr-serverapp", env))
         return self._start("superexec", argv, env=env)
@@ -842,9 +847,24 @@ class LocalDeployment:
             argv += ["--node-config", format_config_pairs(config)]
         argv += list(extra_args)
         env = {**self.env, "FLWR_HOME": str(node_home), **node_thread_env(self.nodes, self.env)}
+        if self.metrics_port is not None:
+            port = self.metrics_port + 1 + index
+            env.update(self.start_exporter(f"metrics-node-{index}", port, env))
         if self.warm_apps:
             env.update(self.start_launcher(f"launcher-{index}", "flwr-clientapp", env))
         return self._start(name or f"supernode-{index}", argv, env=env)
+
+    def start_exporter(self, name: str, port: int, env: Mapping[str, str]) -> dict[str, str]:
+        """Start a metrics exporter (``fedsd metrics-exporter``) on ``port`` for the app
+        processes of one service; return the environment those processes need."""
+        prom_dir = self.work_dir / "metrics" / name
+        if prom_dir.exists():  # a fresh deployment starts from zero, like the SuperLink
+            shutil.rmtree(prom_dir)
+        prom_dir.mkdir(parents=True)
+        argv = [sys.executable, "-m", "fedsd.cli", "metrics-exporter", "--port", str(port)]
+        argv += ["--multiproc-dir", str(prom_dir), "--host", LOCALHOST]
+        self._start(name, argv, env=env)
+        return {"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
 
     def start_launcher(self, name: str, entry: str, env: Mapping[str, str]) -> dict[str, str]:
         """Start a warm app launcher (``fedsd.warmstart``) named ``name`` for ``entry``
@@ -1101,6 +1121,7 @@ def run_local(
     extra_env: Mapping[str, str] | None = None,
     privacy: str | None = None,
     warm_apps: bool | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
 
@@ -1148,6 +1169,7 @@ def run_local(
         startup_timeout=startup_timeout,
         extra_env=extra_env,
         warm_apps=_is_fedsd_app(app) if warm_apps is None else warm_apps,
+        metrics_port=metrics_port,
     )
     with _signals_raise(), deployment:
         try:
@@ -1211,6 +1233,7 @@ def run_local_from_args(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             model=args.model,
             privacy=args.privacy,
+            metrics_port=args.metrics_port,
             work_dir=args.work_dir,
             app_dir=args.app_dir,
             port=args.port,

@@ -66,6 +66,14 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         help="Flower app directory (pyproject.toml with [tool.flwr.app]); default: fedsd's",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1: the ServerApp's on PORT, SuperNode i's "
+        "on PORT+1+i (default: off)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,

@@ -115,6 +115,9 @@ def canonical_privacy(mode: str) -> str:
 # -- typed config -------------------------------------------------------------------------
 
 OUTPUT_MECHANISMS = ("gaussian", "laplace")
+#: How many noise scales past the clip one value of a noised update may reach, per
+#: mechanism, before the chance of it is below ~1e-13 (Gaussian 7.5 sigma, Laplace 30 b).
+OUTPUT_NOISE_TAILS = {"gaussian": 7.5, "laplace": 30.0}
 #: Flower documents ``modulus_range`` up to 2**32 (its default) for SecAgg+ masks.
 MAX_MODULUS_RANGE = 2**32
 
@@ -385,6 +388,8 @@ class PrivacyConfig:
                     f"invalid run config: privacy={self.privacy!r} with "
                     "dp-output-mechanism='gaussian' needs dp-output-delta in (0, 1)"
                 )
+        if {"secagg", "dp-output"} <= comps:
+            self._check_secagg_covers_output_noise()
         if "dp-central" in comps:
             for key, value in (
                 ("dp-central-noise-multiplier", self.dp_central_noise_multiplier),
@@ -392,6 +397,26 @@ class PrivacyConfig:
             ):
                 if value is None:
                     raise ConfigError(f"invalid run config: privacy={self.privacy!r} needs {key}")
+
+    def _check_secagg_covers_output_noise(self) -> None:
+        """Output-DP noise is added on the node, before SecAgg+ quantizes: the clipping
+        range must hold the clipped update plus the noise's tails, or SecAgg+ would clip
+        the noised update (the node would then refuse to send it, every round at random)."""
+        clip, eps = float(self.dp_output_clip), float(self.dp_output_epsilon)
+        if self.dp_output_mechanism == "gaussian":
+            scale = gaussian_sigma(clip, eps, float(self.dp_output_delta))
+            tails, what = OUTPUT_NOISE_TAILS["gaussian"], "sigma"
+        else:
+            scale = laplace_scale(clip, eps)
+            tails, what = OUTPUT_NOISE_TAILS["laplace"], "Laplace scale"
+        need = clip + tails * scale
+        if self.secagg_clipping_range < need:
+            raise ConfigError(
+                f"invalid run config: secagg-clipping-range={self.secagg_clipping_range!r} is "
+                f"too small for privacy={self.privacy!r}: the noised update reaches "
+                f"dp-output-clip + {tails:g} x {what} = {need:.4g} (a value beyond the range "
+                f"has probability < 1e-13); set secagg-clipping-range >= {need:.4g}"
+            )
 
     def _validate_secagg(self) -> None:
         shares, thr = self.secagg_num_shares, self.secagg_reconstruction_threshold

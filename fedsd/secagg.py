@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
+from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
 from fedsd.privacy import PrivacyConfig, SecAggPlan
@@ -38,14 +39,21 @@ def send_and_receive(
 ) -> list[Message]:
     """``Grid.send_and_receive`` with a shorter poll interval (Flower's HTTP grid sleeps
     3 s between pulls, which is most of a short round)."""
-    ids = set(grid.push_messages(messages))
+    return pull_replies(grid, list(grid.push_messages(messages)), timeout, poll)
+
+
+def pull_replies(
+    grid: Grid, ids: list[str], timeout: float | None, poll: float = 0.5
+) -> list[Message]:
+    """Replies to already pushed messages ``ids``, until all are in or ``timeout``."""
+    pending = set(ids)
     end = None if timeout is None else time.monotonic() + timeout
     out: list[Message] = []
-    while ids:
-        got = list(grid.pull_messages(ids))
+    while pending:
+        got = list(grid.pull_messages(pending))
         out.extend(got)
-        ids.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not ids or (end is not None and time.monotonic() >= end):
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or (end is not None and time.monotonic() >= end):
             break
         time.sleep(poll)
     return out
@@ -169,13 +177,7 @@ class _Proxy:
         self.cid = str(node_id)
 
 
-def _one_round_strategy_base() -> type:
-    from flwr.server.strategy import Strategy
-
-    return Strategy
-
-
-class _OneRound(_one_round_strategy_base()):  # type: ignore[misc]
+class _OneRound(Strategy):
     """FitIns for the sampled nodes; capture the unmasked aggregate."""
 
     def __init__(self, sampled: list[int], config: dict[str, Any]) -> None:

@@ -26,11 +26,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedsd import metrics as prom
 from fedsd.aggregation import weighted_mean, weighted_metric
 from fedsd.checkpoint import RunDir
 from fedsd.config import RunConfig
 from fedsd.payload import FLAT, pack, unpack
-from fedsd.secagg import send_and_receive
+from fedsd.secagg import pull_replies, send_and_receive
 
 log = logging.getLogger("fedsd")
 app = ServerApp()
@@ -92,6 +93,8 @@ class Federation:
                 _say(str(spent))
                 break
             self.out.save_round(server_round, arrays, record)
+            prom.record_round(self.out.run_key, record)
+            prom.record_checkpoint(self.out.run_key, time.time())
             _say(
                 f"round {server_round}/{cfg.num_server_rounds}: "
                 f"train_loss={_fmt(record['train_loss'])} "
@@ -237,6 +240,7 @@ class Federation:
         if eval_of == 0 or self.out.val_loss_pending(eval_of):
             loss = _none_if_nan(weighted_metric(val))
             self.out.set_val_loss(eval_of, loss, len(val))
+            prom.record_val_loss(self.out.run_key, loss)
             what = "initial adapter (base model)" if eval_of == 0 else f"round {eval_of}"
             _say(f"val_loss {what}: {_fmt(loss)} ({len(val)} nodes)")
 
@@ -275,7 +279,7 @@ class Federation:
             self.cfg.round_timeout,
             _say,
         )
-        evals = _pull_until(self.grid, eval_ids, self.cfg.round_timeout)
+        evals = pull_replies(self.grid, eval_ids, self.cfg.round_timeout)
         out: dict[str, Any] = {
             "updates": [],
             "losses": [],
@@ -446,19 +450,6 @@ class Federation:
         if push_only:
             return list(self.grid.push_messages(messages)), sent
         return send_and_receive(self.grid, messages, self.cfg.round_timeout), sent
-
-
-def _pull_until(grid: Grid, ids: list[str], timeout: float) -> list[Message]:
-    """Replies to already pushed messages, until all are in or ``timeout``."""
-    pending, out = set(ids), []
-    end = time.monotonic() + timeout
-    while pending and time.monotonic() < end:
-        got = list(grid.pull_messages(pending))
-        out.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending:
-            time.sleep(0.5)
-    return out
 
 
 def _node_records(config: Any, node: int) -> list[dict[str, Any]]:

@@ -84,6 +84,8 @@ class NodeTask:
             self.model_path, "vae", "text_encoder", "tokenizer"
         )
         self.cache_hits = 0
+        self.received_bytes = 0  # the global adapter's payload (set by the ClientApp)
+        self._splits: dict[str, EncodedSplit] = {}
         self._encoders: tuple[Any, Any, Any] | None = None
         from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -93,7 +95,14 @@ class NodeTask:
         self.unet = add_lora(load_unet(self.model_path, self.device), cfg)
 
     def encoded(self, split: str) -> EncodedSplit:
-        """The shard split's latents and text embeddings, from the cache when possible."""
+        """The shard split's latents and text embeddings, from the cache when possible
+        (read once per message: the train handler and ``train`` share it)."""
+        if split in self._splits:
+            return self._splits[split]
+        self._splits[split] = self._encode(split)
+        return self._splits[split]
+
+    def _encode(self, split: str) -> EncodedSplit:
         split_dir = self.node.shard_dir / split
         if not (split_dir / "metadata.jsonl").is_file():
             raise FileNotFoundError(f"shard split {split_dir} has no metadata.jsonl")

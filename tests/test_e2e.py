@@ -14,6 +14,32 @@ import torch
 pytestmark = pytest.mark.e2e
 
 
+def _free_port_block(n: int) -> int:
+    """A base port with ``n`` free ports after it, below Linux's ephemeral range (32768+):
+    fixed ports in that range can be taken by any outgoing connection's source port."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError("no block of free ports")
+
+
+METRICS_PORT = _free_port_block(3)
+
+
 def _up(tiny_model, shards, out, rounds):
     return subprocess.run(
         [
@@ -36,6 +62,8 @@ def _up(tiny_model, shards, out, rounds):
             "resolution=64 learning-rate=0.001",
             "--timeout",
             "600",
+            "--metrics-port",
+            str(METRICS_PORT),
         ],
         capture_output=True,
         text=True,
@@ -88,6 +116,30 @@ def test_history_records_every_round(federation):
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["seconds"] > 0
     # Round 2's nodes loaded the cached latents instead of re-encoding their shards.
     assert all(n["cache-hits"] >= 1 for n in rounds[1]["nodes"])
+
+
+def test_metrics_of_every_service_match_the_history(federation):
+    """``--metrics-port``: each SuperNode and the ServerApp got an exporter; what their app
+    processes recorded agrees with history.json."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    _, out, _ = federation
+    hist = json.loads((out / "history.json").read_text())
+    logs = out / ".deploy" / "logs"
+    assert f"127.0.0.1:{METRICS_PORT}/metrics" in (logs / "metrics-serverapp.log").read_text()
+    assert f"127.0.0.1:{METRICS_PORT + 2}/metrics" in (logs / "metrics-node-1.log").read_text()
+
+    def samples(name):
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=str(out / ".deploy" / "metrics" / name))
+        return {s.name: s.value for fam in reg.collect() for s in fam.samples}
+
+    server = samples("metrics-serverapp")
+    assert server["fedsd_server_rounds_completed_total"] == 2
+    steps = sum(n["train-steps"] for r in hist["rounds"] for n in r["nodes"])
+    node_steps = sum(samples(f"metrics-node-{i}")["fedsd_node_train_steps_total"] for i in range(2))
+    assert node_steps == steps
 
 
 def test_adapters_load_in_diffusers_and_change_the_unet(federation, tiny_model):

@@ -658,3 +658,15 @@ def test_zero_is_unset_for_keys_without_default():
         PrivacyConfig.from_mapping(
             {"privacy": "dp-central", "dp-central-noise-multiplier": 0.0, "dp-central-clip": 1.0}
         )
+
+
+def test_secagg_range_must_hold_the_output_noise():
+    """dp-output noise is added before SecAgg+ quantizes: a clipping range the noised
+    update would exceed is refused with the range it needs."""
+    base = {"privacy": "secagg+dp-output", "dp-output-clip": 0.05, "dp-output-epsilon": 2.0}
+    with pytest.raises(ConfigError, match=r"secagg-clipping-range >= 0\.7977"):
+        PrivacyConfig.from_mapping({**base, "dp-output-delta": 1e-5, "secagg-clipping-range": 0.5})
+    PrivacyConfig.from_mapping({**base, "dp-output-delta": 1e-5, "secagg-clipping-range": 1.0})
+    lap = {**base, "dp-output-mechanism": "laplace", "dp-output-clip": 1.0}
+    with pytest.raises(ConfigError, match=r"30 x Laplace scale = 16"):
+        PrivacyConfig.from_mapping({**lap, "secagg-clipping-range": 8.0})

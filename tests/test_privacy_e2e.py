@@ -29,6 +29,8 @@ CENTRAL = {"dp-central-noise-multiplier": 0.8, "dp-central-clip": 0.05}
 # Small max weight and clipping range: fine quantization, so the SecAgg+ aggregate can be
 # compared with the plain one tightly (the updates of the tiny model are ~1e-3).
 SECAGG = {"secagg-max-weight": 64.0, "secagg-clipping-range": 0.5}
+# With output DP the noised update must fit too: clip 0.05 + 7.5 sigma (0.0997) = 0.80.
+SECAGG_NOISY = {**SECAGG, "secagg-clipping-range": 1.0}
 MODES = {
     "none": {},
     "secagg": SECAGG,
@@ -36,10 +38,10 @@ MODES = {
     "dp-output": GAUSS_OUT,
     "dp-central": CENTRAL,
     "secagg+dp-sample": {**SECAGG, "dp-noise-multiplier": 1.2},
-    "secagg+dp-output": {**SECAGG, **GAUSS_OUT},
+    "secagg+dp-output": {**SECAGG_NOISY, **GAUSS_OUT},
     "secagg+dp-central": {**SECAGG, **CENTRAL},
     "dp-sample+dp-output": {"dp-target-epsilon": 8.0, **LAPLACE_OUT},
-    "secagg+dp-sample+dp-output": {**SECAGG, "dp-noise-multiplier": 1.2, **GAUSS_OUT},
+    "secagg+dp-sample+dp-output": {**SECAGG_NOISY, "dp-noise-multiplier": 1.2, **GAUSS_OUT},
 }
 
 

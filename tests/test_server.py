@@ -71,15 +71,20 @@ class InProcessGrid:
         return replies
 
 
-@pytest.fixture
-def shards(tmp_path):
+def make_shards(root_dir):
+    """Two shards: 8 and 4 training images, 2 validation images each."""
     roots = []
     for i, n in enumerate((8, 4)):
-        root = tmp_path / f"shard-{i}"
+        root = root_dir / f"shard-{i}"
         _write_split(root / "train", n, i)
         _write_split(root / "val", 2, 10 + i)
         roots.append(root)
     return roots
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return make_shards(tmp_path)
 
 
 def _setup(tiny_model, tmp_path, shards, **kw):
@@ -217,3 +222,37 @@ def test_invalid_config_is_refused_before_round_one(tmp_path):
     with pytest.raises(ConfigError, match="num-server-rounds"):
         server_app.main(object(), ctx)
     assert not (tmp_path / "o").exists()
+
+
+def test_nodes_with_spent_dp_budget_stop_and_the_run_ends_cleanly(
+    tiny_model, tmp_path, shards, capsys
+):
+    """dp-sample with a fixed noise multiplier and a target that round 2 would exceed:
+    round 1 trains, then every node refuses to train, says so, and the run stops with
+    round 1's adapter (no round-2 checkpoint, no error)."""
+    from fedsd.privacy import history_epsilon
+    from fedsd.server_app import Federation
+
+    # One local epoch at batch 4: 2 steps (q=1/2) on the 8-image shard, 1 step (q=1) on
+    # the 4-image one. The target sits between one and two rounds for both.
+    one = max(history_epsilon([(2.0, 0.5, 2)], 1e-5), history_epsilon([(2.0, 1.0, 1)], 1e-5))
+    two = min(history_epsilon([(2.0, 0.5, 4)], 1e-5), history_epsilon([(2.0, 1.0, 2)], 1e-5))
+    assert one < two
+    rc, contexts = _setup(
+        tiny_model,
+        tmp_path,
+        shards,
+        **{
+            "privacy": "dp-sample",
+            "dp-noise-multiplier": 2.0,
+            "dp-target-epsilon": (one + two) / 2,
+            "num-server-rounds": 3,
+        },
+    )
+    Federation(InProcessGrid(contexts), RunConfig.from_mapping(rc)).run()
+    printed = capsys.readouterr().out
+    assert "DP-SGD budget spent" in printed and "training stops here" in printed
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [r["round"] for r in hist["rounds"]] == [1]
+    assert not (tmp_path / "out" / "round-2").exists()
+    assert all(p["epsilon"] <= (one + two) / 2 for p in hist["rounds"][0]["privacy"])

@@ -1,0 +1,224 @@
+"""Prometheus metrics of fedsd's ServerApp and ClientApps (``fedsd_`` prefix).
+
+ClientApps and ServerApps live in short-lived processes (one per message, one per run),
+so they write prometheus-client's multiprocess files into ``PROMETHEUS_MULTIPROC_DIR``
+and one long-lived exporter per service (``fedsd metrics-exporter``) serves the
+aggregate on a fixed port: counters and histograms add up across processes, so totals
+survive rounds and runs; gauges keep the most recent value.
+
+Without ``PROMETHEUS_MULTIPROC_DIR`` every function here is a no-op, so a run without
+monitoring pays nothing. prometheus-client is imported only when metrics are on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+def enabled() -> bool:
+    """Whether this process records metrics (``PROMETHEUS_MULTIPROC_DIR`` is set)."""
+    return bool(os.environ.get(ENV))
+
+
+@cache
+def _node() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    labels = ("node", "run")
+    last = {"multiprocess_mode": "mostrecent"}
+    return {
+        "train_loss": Gauge(
+            "fedsd_node_train_loss", "Local training loss of the last round", labels, **last
+        ),
+        "val_loss": Gauge(
+            "fedsd_node_val_loss", "Validation loss of the global adapter", labels, **last
+        ),
+        "steps": Counter("fedsd_node_train_steps_total", "Local optimizer steps", labels),
+        "images": Counter("fedsd_node_train_images_total", "Images trained on", labels),
+        "images_per_second": Gauge(
+            "fedsd_node_images_per_second", "Training throughput of the last round", labels, **last
+        ),
+        "step_seconds": Histogram(
+            "fedsd_node_step_seconds", "Seconds per optimizer step", labels, buckets=STEP_BUCKETS
+        ),
+        "epsilon": Gauge(
+            "fedsd_node_epsilon",
+            "Cumulative DP epsilon spent",
+            ("node", "run", "mechanism"),
+            **last,
+        ),
+        "last_round": Gauge(
+            "fedsd_node_last_round", "Last round this node trained", labels, **last
+        ),
+        "bytes_sent": Counter("fedsd_node_sent_bytes_total", "Update bytes sent", labels),
+        "bytes_received": Counter(
+            "fedsd_node_received_bytes_total", "Adapter bytes received", labels
+        ),
+        "cache_hits": Counter("fedsd_node_latent_cache_hits_total", "Latent cache hits", labels),
+        "messages": Counter(
+            "fedsd_node_messages_total", "Messages handled", ("node", "run", "type")
+        ),
+        "gpu_memory": Gauge(
+            "fedsd_node_gpu_memory_bytes", "Peak GPU memory of the last round", labels, **last
+        ),
+    }
+
+
+@cache
+def _server() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    run = ("run",)
+    last = {"multiprocess_mode": "mostrecent"}
+    return {
+        "round": Gauge("fedsd_server_round", "Round in progress or last completed", run, **last),
+        "rounds": Counter("fedsd_server_rounds_completed_total", "Rounds completed", run),
+        "sampled": Gauge(
+            "fedsd_server_nodes_sampled", "Nodes sampled in the last round", run, **last
+        ),
+        "replied": Gauge(
+            "fedsd_server_nodes_replied", "Nodes that replied in the last round", run, **last
+        ),
+        "failed": Counter("fedsd_server_node_failures_total", "Sampled nodes that failed", run),
+        "train_loss": Gauge(
+            "fedsd_server_train_loss", "Weighted train loss of the last round", run, **last
+        ),
+        "val_loss": Gauge(
+            "fedsd_server_val_loss", "Weighted val loss of the last aggregate", run, **last
+        ),
+        "round_seconds": Histogram(
+            "fedsd_server_round_seconds", "Round duration", run, buckets=ROUND_BUCKETS
+        ),
+        "bytes_sent": Counter("fedsd_server_sent_bytes_total", "Bytes sent to nodes", run),
+        "bytes_received": Counter("fedsd_server_received_bytes_total", "Bytes from nodes", run),
+        "secagg_dropouts": Counter(
+            "fedsd_server_secagg_dropouts_total", "Nodes lost during SecAgg+ rounds", run
+        ),
+        "max_epsilon": Gauge(
+            "fedsd_server_max_epsilon",
+            "Largest cumulative epsilon reported",
+            ("run", "mechanism"),
+            **last,
+        ),
+        "checkpoint_time": Gauge(
+            "fedsd_server_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint",
+            run,
+            **last,
+        ),
+    }
+
+
+def record_node_train(
+    node: int,
+    run: str,
+    metrics: Mapping[str, Any],
+    records: list[dict[str, Any]],
+    server_round: int,
+    bytes_sent: int,
+    bytes_received: int,
+) -> None:
+    """What a train message did on this node."""
+    if not enabled():
+        return
+    m, lab = _node(), {"node": str(node), "run": run}
+    m["messages"].labels(type="train", **lab).inc()
+    m["val_loss"].labels(**lab).set(float(metrics["val-loss"]))
+    m["cache_hits"].labels(**lab).inc(int(metrics.get("cache-hits", 0)))
+    m["bytes_sent"].labels(**lab).inc(bytes_sent)
+    m["bytes_received"].labels(**lab).inc(bytes_received)
+    steps = int(metrics.get("train-steps", 0))
+    if steps:
+        m["train_loss"].labels(**lab).set(float(metrics["train-loss"]))
+        m["steps"].labels(**lab).inc(steps)
+        m["images"].labels(**lab).inc(int(metrics.get("num-examples", 0)))
+        m["images_per_second"].labels(**lab).set(float(metrics.get("images-per-second", 0)))
+        m["step_seconds"].labels(**lab).observe(float(metrics["train-seconds"]) / steps)
+        m["last_round"].labels(**lab).set(server_round)
+    if "gpu-peak-bytes" in metrics:
+        m["gpu_memory"].labels(**lab).set(float(metrics["gpu-peak-bytes"]))
+    for rec in records:
+        if rec.get("epsilon") is not None:
+            m["epsilon"].labels(mechanism=rec["mechanism"], **lab).set(float(rec["epsilon"]))
+
+
+def record_node_eval(node: int, run: str, val_loss: float, bytes_received: int) -> None:
+    """What an evaluate message did on this node."""
+    if not enabled():
+        return
+    m, lab = _node(), {"node": str(node), "run": run}
+    m["messages"].labels(type="evaluate", **lab).inc()
+    m["val_loss"].labels(**lab).set(val_loss)
+    m["bytes_received"].labels(**lab).inc(bytes_received)
+
+
+def record_round(run: str, record: Mapping[str, Any]) -> None:
+    """A completed round, from its history record."""
+    if not enabled():
+        return
+    m = _server()
+    m["round"].labels(run=run).set(record["round"])
+    m["rounds"].labels(run=run).inc()
+    m["sampled"].labels(run=run).set(record["nodes_sampled"])
+    m["replied"].labels(run=run).set(record["nodes_replied"])
+    m["failed"].labels(run=run).inc(record["nodes_failed"])
+    if record.get("train_loss") is not None:
+        m["train_loss"].labels(run=run).set(record["train_loss"])
+    m["round_seconds"].labels(run=run).observe(record["seconds"])
+    m["bytes_sent"].labels(run=run).inc(record["bytes_sent"])
+    m["bytes_received"].labels(run=run).inc(record["bytes_received"])
+    secagg = [p for p in record.get("privacy", []) if p["mechanism"] == "secagg+"]
+    for p in secagg:
+        m["secagg_dropouts"].labels(run=run).inc(
+            max(0, record["nodes_sampled"] - p["extra"]["aggregated_nodes"])
+        )
+    worst: dict[str, float] = {}
+    for p in record.get("privacy", []):
+        if p.get("epsilon") is not None:
+            worst[p["mechanism"]] = max(worst.get(p["mechanism"], 0.0), float(p["epsilon"]))
+    for mech, eps in worst.items():
+        m["max_epsilon"].labels(run=run, mechanism=mech).set(eps)
+
+
+def record_val_loss(run: str, loss: float | None) -> None:
+    """The validation loss of the latest aggregate."""
+    if enabled() and loss is not None:
+        _server()["val_loss"].labels(run=run).set(loss)
+
+
+def record_checkpoint(run: str, when: float) -> None:
+    """A checkpoint was written at ``when`` (unix seconds)."""
+    if enabled():
+        _server()["checkpoint_time"].labels(run=run).set(when)
+
+
+def serve_exporter(port: int, multiproc_dir: str, host: str = "127.0.0.1") -> None:
+    """Serve the aggregate of ``multiproc_dir`` on ``host:port/metrics`` until stopped.
+
+    One per service (each SuperNode, the ServerApp SuperExec): the app processes come
+    and go, the exporter and its port stay.
+    """
+    import signal
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    os.makedirs(multiproc_dir, exist_ok=True)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    print(f"fedsd metrics-exporter: {multiproc_dir} on http://{host}:{port}/metrics", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.shutdown()
+    thread.join(timeout=5)
