@@ -8,7 +8,7 @@ DEMO ?= runs/demo
 NODES ?= 2
 ROUNDS ?= 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install host-setup demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,18 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
-	$(VENV)/bin/python -m pytest -q
+# Host set-up for the container tests (root, apt, idempotent): podman, buildah, runc,
+# debootstrap and their configuration, the debootstrap base image, Compose as a docker
+# CLI plugin. Without it those tests fail and say why; they are never skipped.
+host-setup: install
+	bash docker/ci-setup.sh $(VENV)
+
+# Four workers on two cores: the end-to-end tests mostly wait (polls, process starts,
+# image builds), so they overlap well. One file per worker (module fixtures hold one
+# deployment each); tests/conftest.py puts the slowest files first.
+PYTEST_WORKERS ?= 4
+test: lint host-setup
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.
 bench: install

@@ -28,3 +28,29 @@ def tiny_model(tmp_path_factory) -> Path:
 def bare_app_dir() -> Path:
     """A trivial Message-API Flower app (no torch), for deployment tests and benchmarks."""
     return Path(__file__).parent / "fixtures" / "bare_app"
+
+
+# The slowest files first (measured on a 2-core machine), so that pytest-xdist starts them
+# at once and the quick files fill the other workers around them; the rest keep their order.
+SLOWEST_FIRST = [
+    "test_containers.py",  # image builds and a compose run through podman: ~12 min cold
+    "test_k8s.py",
+    "test_privacy_e2e_secagg.py",
+    "test_privacy_e2e_dp.py",
+    "test_secagg_dropout.py",
+    "test_e2e.py",
+    "test_observability.py",
+    "test_deploy.py",
+    "test_metrics.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(item):
+        name = item.path.name
+        rank = SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+        # Within a file, `heavy` tests first: xdist hands a worker its next file once two
+        # or fewer of its tests are pending, which must not happen behind a long test.
+        return (rank, item.get_closest_marker("heavy") is None)
+
+    items.sort(key=key)  # stable: the order inside a file is kept otherwise

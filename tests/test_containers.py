@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.images import build_images
+
 pytestmark = pytest.mark.containers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,15 +283,19 @@ def _fedsd(*args: str, timeout: float = 300) -> None:
     _run([sys.executable, "-m", "fedsd.cli", *args], timeout=timeout)
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(3600)
 def test_compose_up_trains_end_to_end(tmp_path):
     podman = _podman()
     timings: dict[str, float] = {}
 
     t0 = time.monotonic()
-    res = _run(["bash", str(REPO / "docker" / "build.sh"), "--tag", TAG], timeout=3000)
+    try:
+        report = build_images(TAG)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     timings["build"] = time.monotonic() - t0
-    print(res.stdout)  # image, seconds, size: one line each
+    print(report)  # image, seconds, size: one line each
 
     root = tmp_path
     _fedsd("tiny-model", "--out", str(root / "models" / "tiny"))
