@@ -71,7 +71,8 @@ class SecretsApi:
         self.ctx = ssl.create_default_context(cafile=ca)
 
     @classmethod
-    def in_cluster(cls, sa_dir: Path = SA_DIR) -> SecretsApi:
+    def in_cluster(cls, sa_dir: Path | None = None) -> SecretsApi:
+        sa_dir = sa_dir or SA_DIR
         host = os.environ.get("KUBERNETES_SERVICE_HOST")
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -28,3 +34,43 @@ def tiny_model(tmp_path_factory) -> Path:
 def bare_app_dir() -> Path:
     """A trivial Message-API Flower app (no torch), for deployment tests and benchmarks."""
     return Path(__file__).parent / "fixtures" / "bare_app"
+
+
+@dataclass(frozen=True)
+class CiImages:
+    """The images docker/build.sh built: service name -> image reference."""
+
+    images: dict[str, str]
+    build_seconds: float
+    build_output: str
+
+
+@pytest.fixture(scope="session")
+def ci_images() -> CiImages:
+    """The CPU images (localhost/fedsd-<service>:$FEDSD_IMAGE_TAG, default ci), built once
+    per test session with docker/build.sh (podman): the container test and the Kubernetes
+    test share them. Fails, never skips, on a machine without podman or the base image."""
+    hint = "set the machine up with: bash docker/ci-setup.sh .venv (as root)"
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.fail(f"`podman` not found: the image build needs it; {hint}")
+    base = os.environ.get("FEDSD_BASE_IMAGE", "localhost/fedsd-base:bookworm")
+    if subprocess.run([podman, "image", "exists", base], timeout=60).returncode != 0:
+        pytest.fail(f"base image {base} not found; {hint}")
+    tag = os.environ.get("FEDSD_IMAGE_TAG", "ci")
+    t0 = time.monotonic()
+    res = subprocess.run(
+        ["bash", str(REPO / "docker" / "build.sh"), "--tag", tag],
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        stdin=subprocess.DEVNULL,
+    )
+    if res.returncode != 0:
+        pytest.fail(f"docker/build.sh failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    services = ("superlink", "supernode", "serverapp", "fleet-proxy")
+    return CiImages(
+        {svc: f"localhost/fedsd-{svc}:{tag}" for svc in services},
+        time.monotonic() - t0,
+        res.stdout,
+    )
