@@ -43,6 +43,11 @@ if [ "$cuda" = 0 ]; then
     fi
 fi
 [ "$engine" = podman ] && args+=(--format docker)
+# What the images copy from the build context (finish-image.sh): a changed file must
+# invalidate the cached layer, which a bind mount alone does not.
+digest=$(find pyproject.toml fedsd docker services -type f ! -name "*.pyc" -print0 | sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16)
+args+=(--build-arg "SOURCE_DIGEST=$digest")
 
 for svc in "${services[@]}"; do
     image=localhost/fedsd-$svc:$tag

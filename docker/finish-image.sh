@@ -21,7 +21,8 @@ for entry in ("flwr-clientapp", "flwr-serverapp"):
     install_shim("/opt/fedsd/shim", entry)
 PY
 install -m 0755 "$src/services/$role/entrypoint.sh" /opt/fedsd/entrypoint.sh
-install -m 0644 "$src/docker/healthcheck.py" "$src/docker/launch.py" "$src/docker/supervise.sh" /opt/fedsd/
+install -m 0644 "$src/docker/healthcheck.py" "$src/docker/launch.py" "$src/docker/supervise.sh" \
+    "$src/docker/k8s_certs.py" /opt/fedsd/
 /opt/venv/bin/python -m pip uninstall -q -y pip
 case $role in
 supernode) install -d -o app -g app -m 0750 /data /data/cache ;;

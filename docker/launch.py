@@ -8,6 +8,7 @@ Settings (environment; defaults in brackets):
 
     SUPERLINK_ADDRESS     the SuperLink's Control API, host:port [superlink:9092]
     FEDSD_CERTS           certs folder: ca.crt and nodes/node-<i>.pub [/certs]
+    FEDSD_NODE_PUBKEYS    folder of node-<i>.pub instead [$FEDSD_CERTS/nodes]
     FEDSD_NUM_NODES       how many node keys to register; min-nodes defaults to it [2]
     FEDSD_ROUNDS          num-server-rounds [app default]
     FEDSD_PRIVACY         privacy mode, e.g. secagg+dp-sample [app default: none]
@@ -83,11 +84,8 @@ def deployment_for(address: str, ca: Path, nodes: int) -> LocalDeployment:
     return deployment
 
 
-def register(deployment: LocalDeployment, certs: Path, nodes: int) -> int:
-    keys = [
-        NodeKey(certs / "nodes" / f"node-{i}", certs / "nodes" / f"node-{i}.pub")
-        for i in range(nodes)
-    ]
+def register(deployment: LocalDeployment, pub_dir: Path, nodes: int) -> int:
+    keys = [NodeKey(pub_dir / f"node-{i}", pub_dir / f"node-{i}.pub") for i in range(nodes)]
     missing = [str(k.public_key) for k in keys if not k.public_key.is_file()]
     if missing:
         log(f"error: node public key(s) missing: {', '.join(missing)} (run the certs service)")
@@ -136,7 +134,8 @@ def main(argv: list[str]) -> int:
     try:
         wait_healthy(address, ca, float(env.get("FEDSD_STARTUP_TIMEOUT", "120")))
         if argv[0] == "register":
-            return register(deployment, certs, nodes)
+            pub_dir = Path(env.get("FEDSD_NODE_PUBKEYS", str(certs / "nodes")))
+            return register(deployment, pub_dir, nodes)
         return run(deployment, Path(env.get("FEDSD_APP_DIR", "/app")), nodes)
     except DeployError as exc:
         log(f"error: {exc}")

@@ -10,10 +10,22 @@
 # /opt/fedsd/shim is first on PATH and finds the launcher through FEDSD_LAUNCHER_SOCKET).
 # Until the launcher listens, or if it dies, the shim runs the plain command: nothing
 # depends on it. See fedsd/warmstart.py.
+#
+# With FEDSD_METRICS_PORT set, the apps write prometheus-client multiprocess files
+# (PROMETHEUS_MULTIPROC_DIR) and `fedsd metrics-exporter` serves their aggregate on
+# FEDSD_METRICS_HOST [0.0.0.0]:FEDSD_METRICS_PORT (README, "Metrics").
 supervise() {
     local entry=$1
     shift
-    local launcher="" main status
+    local launcher="" exporter="" main status
+    if [ -n "${FEDSD_METRICS_PORT:-}" ]; then
+        local prom_dir
+        prom_dir=$(mktemp -d "${TMPDIR:-/tmp}/fedsd-metrics.XXXXXX")
+        export PROMETHEUS_MULTIPROC_DIR=$prom_dir
+        fedsd metrics-exporter --port "$FEDSD_METRICS_PORT" --multiproc-dir "$prom_dir" \
+            --host "${FEDSD_METRICS_HOST:-0.0.0.0}" &
+        exporter=$!
+    fi
     if [ "${FEDSD_WARM_START:-1}" = 1 ]; then
         local run_dir
         run_dir=$(mktemp -d "${TMPDIR:-/tmp}/fedsd-launcher.XXXXXX")
@@ -33,10 +45,11 @@ supervise() {
         wait "$main"
         status=$?
     done
-    if [ -n "$launcher" ]; then
-        kill -TERM "$launcher" 2>/dev/null
-        wait "$launcher" 2>/dev/null
-    fi
+    local pid
+    for pid in $launcher $exporter; do
+        kill -TERM "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
     return "$status"
 }
 

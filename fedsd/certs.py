@@ -38,6 +38,7 @@ __all__ = [
     "NodeKey",
     "ca_is_valid",
     "ensure_certs",
+    "ensure_node_keys",
     "generate_node_key",
     "server_cert_covers",
     "server_sans",
@@ -128,21 +129,31 @@ def ensure_certs(
         _write_private(srv_key_path, _pem_private(srv_key))
         _write_public(srv_cert_path, srv_cert.public_bytes(serialization.Encoding.PEM))
 
-    node_dir = root / NODES_DIR
-    node_keys = []
-    for i in range(nodes):
-        key = NodeKey(node_dir / f"node-{i}", node_dir / f"node-{i}.pub")
-        _ensure_node_key(key)
-        node_keys.append(key)
-
     return CertMaterial(
         out=root,
         ca_cert=ca_cert_path,
         ca_key=ca_key_path,
         server_cert=srv_cert_path,
         server_key=srv_key_path,
-        node_keys=tuple(node_keys),
+        node_keys=ensure_node_keys(root / NODES_DIR, nodes),
     )
+
+
+def ensure_node_keys(node_dir: str | os.PathLike[str], nodes: int) -> tuple[NodeKey, ...]:
+    """Create (or reuse) ``node_dir/node-<i>`` and ``node-<i>.pub`` for i < ``nodes``.
+
+    A valid private key is kept (its registration stays valid) and a missing or mismatching
+    public half is restored from it; anything else is replaced by a new pair.
+    """
+    if nodes < 0:
+        raise ValueError(f"nodes must be >= 0, got {nodes}")
+    node_dir = Path(node_dir)
+    keys = []
+    for i in range(nodes):
+        key = NodeKey(node_dir / f"node-{i}", node_dir / f"node-{i}.pub")
+        _ensure_node_key(key)
+        keys.append(key)
+    return tuple(keys)
 
 
 def server_sans(hosts: Iterable[str] = ()) -> list[x509.GeneralName]:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.images import build_images
+
+REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -34,7 +42,7 @@ def bare_app_dir() -> Path:
 # at once and the quick files fill the other workers around them; the rest keep their order.
 SLOWEST_FIRST = [
     "test_containers.py",  # image builds and a compose run through podman: ~12 min cold
-    "test_k8s.py",
+    "test_k8s.py",  # the manifests' pods as a federation: ~3 min
     "test_privacy_e2e_secagg.py",
     "test_privacy_e2e_dp.py",
     "test_secagg_dropout.py",
@@ -54,3 +62,38 @@ def pytest_collection_modifyitems(config, items):
         return (rank, item.get_closest_marker("heavy") is None)
 
     items.sort(key=key)  # stable: the order inside a file is kept otherwise
+
+
+@dataclass(frozen=True)
+class CiImages:
+    """The images docker/build.sh built: service name -> image reference."""
+
+    images: dict[str, str]
+    build_seconds: float
+    build_output: str
+
+
+@pytest.fixture(scope="session")
+def ci_images() -> CiImages:
+    """The CPU images (localhost/fedsd-<service>:$FEDSD_IMAGE_TAG, default ci), built once
+    per test session with docker/build.sh (podman): the container test and the Kubernetes
+    test share them. Fails, never skips, on a machine without podman or the base image."""
+    hint = "set the machine up with: bash docker/ci-setup.sh .venv (as root)"
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.fail(f"`podman` not found: the image build needs it; {hint}")
+    base = os.environ.get("FEDSD_BASE_IMAGE", "localhost/fedsd-base:bookworm")
+    if subprocess.run([podman, "image", "exists", base], timeout=60).returncode != 0:
+        pytest.fail(f"base image {base} not found; {hint}")
+    tag = os.environ.get("FEDSD_IMAGE_TAG", "ci")
+    t0 = time.monotonic()
+    try:
+        output = build_images(tag)  # host-wide lock: one xdist worker builds, others reuse
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    services = ("superlink", "supernode", "serverapp", "fleet-proxy")
+    return CiImages(
+        {svc: f"localhost/fedsd-{svc}:{tag}" for svc in services},
+        time.monotonic() - t0,
+        output,
+    )

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import build_images
-
 pytestmark = pytest.mark.containers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,17 +283,13 @@ def _fedsd(*args: str, timeout: float = 300) -> None:
 
 @pytest.mark.heavy
 @pytest.mark.timeout(3600)
-def test_compose_up_trains_end_to_end(tmp_path):
+def test_compose_up_trains_end_to_end(tmp_path, ci_images):
     podman = _podman()
     timings: dict[str, float] = {}
 
-    t0 = time.monotonic()
-    try:
-        report = build_images(TAG)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    timings["build"] = time.monotonic() - t0
-    print(report)  # image, seconds, size: one line each
+    # docker/build.sh, once per session (tests/conftest.py; tests/test_k8s.py uses them too)
+    timings["build"] = ci_images.build_seconds
+    print(ci_images.build_output)  # image, seconds, size: one line each
 
     root = tmp_path
     _fedsd("tiny-model", "--out", str(root / "models" / "tiny"))

@@ -9,12 +9,15 @@
 #              container mounts only what it needs): superlink/ (ca.crt, superlink.crt,
 #              superlink.key), node-<i>/ (ca.crt, node-key), public/ (ca.crt,
 #              nodes/node-<i>.pub). As root it hands the files to APP_UID (10001).
+#   k8s-certs  the Kubernetes certs Job: create the Secrets fedsd-tls, fedsd-ca,
+#              fedsd-node-keys, fedsd-node-pubkeys when missing (docker/k8s_certs.py)
 #   launch register|run
 #              register the node keys / flwr run --stream and exit with the run's status
 #              (docker/launch.py; settings from FEDSD_* variables, see there)
 #
 # Environment: SUPERLINK_ADDRESS (Runtime/Control API, host:port) [superlink:9092],
-# FEDSD_CERTS [/certs], FEDSD_CA_CERT [$FEDSD_CERTS/ca.crt], SUPEREXEC_HEALTH_PORT [9096].
+# FEDSD_CERTS [/certs], FEDSD_CA_CERT [$FEDSD_CERTS/ca.crt], SUPEREXEC_HEALTH_PORT [9096],
+# FEDSD_METRICS_PORT (serve the ServerApps' Prometheus metrics there) [].
 set -euo pipefail
 # shellcheck source=docker/supervise.sh
 . /opt/fedsd/supervise.sh
@@ -56,6 +59,10 @@ certs)
 launch)
     shift
     exec python /opt/fedsd/launch.py "$@"
+    ;;
+k8s-certs)
+    shift
+    exec python /opt/fedsd/k8s_certs.py "$@"
     ;;
 health)
     exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}"

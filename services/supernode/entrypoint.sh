@@ -10,9 +10,12 @@
 #   FEDSD_SHARD_DIR        the node's shard, mounted read-only [/data/shard]
 #   FEDSD_CACHE_DIR        latent cache and DP ledgers, writable [/data/cache]
 #   FEDSD_NODE_CONFIG      extra node-config pairs, e.g. 'device="cuda:0"' []
-#   SUPERNODE_PORT         the SuperNode's own Runtime API on 127.0.0.1 [9094]
+#   SUPERNODE_HOST         where the SuperNode's own Runtime API listens [127.0.0.1];
+#                          0.0.0.0 in Kubernetes, whose probes dial the pod IP
+#   SUPERNODE_PORT         the SuperNode's own Runtime API port [9094]
 #   SUPERNODE_HEALTH_PORT  gRPC health server on 127.0.0.1 [9095]
 #   FEDSD_WARM_START       1: fork ClientApps from a launcher with torch imported [1]
+#   FEDSD_METRICS_PORT     serve the ClientApps' Prometheus metrics on this port []
 set -euo pipefail
 # shellcheck source=docker/supervise.sh
 . /opt/fedsd/supervise.sh
@@ -35,7 +38,7 @@ supernode)
         --root-certificates "$ca" \
         --auth-supernode-private-key "$key" \
         --isolation subprocess \
-        --host 127.0.0.1 \
+        --host "${SUPERNODE_HOST:-127.0.0.1}" \
         --port "${SUPERNODE_PORT:-9094}" \
         --health-server-address "127.0.0.1:${SUPERNODE_HEALTH_PORT:-9095}" \
         --node-config "$config" \
