@@ -54,11 +54,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fedsd.certs import CertMaterial, NodeKey, ensure_certs
 from fedsd.config import ConfigError, RunConfig
 from fedsd.observability import ALERTS, MetricsPorts, prometheus_config, targets
+
+if TYPE_CHECKING:
+    from fedsd.progress import ProgressView
 
 __all__ = [
     "CONNECTION",
@@ -1309,7 +1312,7 @@ def run_local_from_args(args: argparse.Namespace) -> int:
         view.close()
 
 
-def _progress_view(args: argparse.Namespace) -> Any:
+def _progress_view(args: argparse.Namespace) -> ProgressView:
     """The live view of ``fedsd up``, told the planned rounds and the DP-SGD budget when
     the run config can be read (run_local reports a config that cannot)."""
     from fedsd.progress import ProgressView

@@ -326,6 +326,7 @@ def test_every_dashboard_query_and_alert_input_has_data_in_a_real_run(e2e_run):
         pytest.fail(e2e_run.prometheus_error or "no Prometheus")
     assert e2e_run.returncode == 0, e2e_run.stdout[-4000:]
     url = e2e_run.prometheus
+    assert e2e_run.started > 0, "no 'SuperNode(s) online' line in the output"
     start, end = e2e_run.started + 7.0, e2e_run.finished  # SuperLink probe every 5 s
     assert end - start > 10, (start, end)
     missing = []
