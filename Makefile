@@ -30,18 +30,20 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Host set-up for the container tests (root, apt, idempotent): podman, buildah, runc,
-# debootstrap and their configuration, the debootstrap base image, Compose as a docker
-# CLI plugin. Without it those tests fail and say why; they are never skipped.
+# Host set-up for the container, Kubernetes and Prometheus tests (root, apt, idempotent):
+# podman, buildah, runc, debootstrap and their configuration, the debootstrap base image,
+# Compose as a docker CLI plugin; Debian's prometheus and promtool. Without it those tests
+# fail and say why; they are never skipped.
 host-setup: install
 	bash docker/ci-setup.sh $(VENV)
+	bash docker/ci-observability.sh
 
 # Four workers on two cores: the end-to-end tests mostly wait (polls, process starts,
-# image builds), so they overlap well. One file per worker (module fixtures hold one
-# deployment each); tests/conftest.py puts the slowest files first.
+# image builds), so they overlap well. One file per worker (a module fixture holds one
+# deployment); tests/conftest.py groups files that share one and puts the slowest first.
 PYTEST_WORKERS ?= 4
 test: lint host-setup
-	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.
 bench: install

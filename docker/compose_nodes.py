@@ -4,9 +4,11 @@
     FEDSD_NODES=N docker compose -f compose.yaml -f compose.nodes.yaml up -d
 
 Node i (i >= 2) extends supernode-1 with its own index, shard (shard-<i>, read-only),
-key (certs/node-<i>/), latent cache volume and GPU (i mod G, G from --gpus, default 1);
-the launcher waits for every node. FEDSD_NODES=N must be set too: the certs service
-makes N keys, register registers N, and the run waits for N nodes (min-nodes).
+key (certs/node-<i>/), latent cache volume, GPU (i mod G, G from --gpus, default 1) and
+metrics port (9410+i; `python -m fedsd.observability --nodes N` prints the Prometheus
+configuration that scrapes all N); the launcher waits for every node. FEDSD_NODES=N
+must be set too: the certs service makes N keys, register registers N, and the run waits
+for N nodes (min-nodes).
 With --ci the new nodes also get the CI override's host network and loopback ports
 (use it after compose.ci.yaml: -f compose.yaml -f compose.ci.yaml -f compose.nodes.yaml).
 Standard library only; the output is YAML.
@@ -33,6 +35,7 @@ def render(nodes: int, *, ci: bool = False, gpus: int = 1) -> str:
             "    extends: {file: compose.yaml, service: supernode-1}",
             "    environment:",
             f'      FEDSD_NODE_INDEX: "{i}"',
+            f'      FEDSD_METRICS_PORT: "{9410 + i}"',
         ]
         if ci:
             port = 19100 + 2 * i
@@ -40,6 +43,8 @@ def render(nodes: int, *, ci: bool = False, gpus: int = 1) -> str:
                 "      SUPERLINK_ADDRESS: 127.0.0.1:${FEDSD_CI_PROXY_PORT:-19093}",
                 f"      SUPERNODE_PORT: ${{FEDSD_CI_NODE{i}_PORT:-{port}}}",
                 f"      SUPERNODE_HEALTH_PORT: ${{FEDSD_CI_NODE{i}_HEALTH_PORT:-{port + 1}}}",
+                "      FEDSD_METRICS_HOST: 127.0.0.1",
+                f"      FEDSD_METRICS_PORT: ${{FEDSD_CI_NODE{i}_METRICS_PORT:-{19410 + i}}}",
                 '      OMP_NUM_THREADS: "1"',
                 "    network_mode: host",
                 "    networks: !reset null",

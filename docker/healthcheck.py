@@ -1,6 +1,7 @@
 """Container health checks (HEALTHCHECK and compose ``healthcheck``), standard library + grpc.
 
     healthcheck.py https URL [--ca FILE]   GET URL (TLS verified against FILE), healthy on 200
+    healthcheck.py http URL                GET URL (plain HTTP, e.g. a metrics exporter)
     healthcheck.py grpc HOST:PORT          gRPC health Check (Flower's --health-server-address)
 
 Exit 0 when healthy, 1 otherwise (with the reason on stderr), as Docker expects.
@@ -45,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("https")
     p.add_argument("url")
     p.add_argument("--ca", default=None)
+    p = sub.add_parser("http")
+    p.add_argument("url")
     p = sub.add_parser("grpc")
     p.add_argument("address")
     args = parser.parse_args(argv)
-    if args.kind == "https":
-        error = check_https(args.url, args.ca, args.timeout)
+    if args.kind in ("https", "http"):
+        error = check_https(args.url, getattr(args, "ca", None), args.timeout)
     else:
         error = check_grpc(args.address, args.timeout)
     if error:

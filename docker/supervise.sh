@@ -1,9 +1,13 @@
 # shellcheck shell=bash
 # Sourced by the supernode and serverapp entrypoints (bash): run a Flower service in the
-# foreground of this shell (PID 1 of the container), optionally next to a warm app
-# launcher, forward SIGTERM/SIGINT to it and exit with its status.
+# foreground of this shell (PID 1 of the container), optionally next to a metrics exporter
+# and a warm app launcher, forward SIGTERM/SIGINT to it and exit with its status.
 #
 #   supervise ENTRY COMMAND...     ENTRY: flwr-clientapp or flwr-serverapp
+#
+# With FEDSD_METRICS_PORT set (not empty, not 0) `fedsd metrics-exporter` serves on
+# FEDSD_METRICS_HOST:FEDSD_METRICS_PORT [0.0.0.0] what the app processes write into
+# PROMETHEUS_MULTIPROC_DIR [a fresh folder in /tmp]; the launcher and the apps inherit it.
 #
 # With FEDSD_WARM_START=1 (the default) `fedsd app-launcher` imports torch, diffusers, peft
 # and opacus once and forks each ENTRY process that COMMAND starts (the shim in
@@ -18,12 +22,13 @@ supervise() {
     local entry=$1
     shift
     local launcher="" exporter="" main status
-    if [ -n "${FEDSD_METRICS_PORT:-}" ]; then
-        local prom_dir
-        prom_dir=$(mktemp -d "${TMPDIR:-/tmp}/fedsd-metrics.XXXXXX")
-        export PROMETHEUS_MULTIPROC_DIR=$prom_dir
-        fedsd metrics-exporter --port "$FEDSD_METRICS_PORT" --multiproc-dir "$prom_dir" \
-            --host "${FEDSD_METRICS_HOST:-0.0.0.0}" &
+    if [ -n "${FEDSD_METRICS_PORT:-}" ] && [ "${FEDSD_METRICS_PORT}" != 0 ]; then
+        if [ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+            PROMETHEUS_MULTIPROC_DIR=$(mktemp -d "${TMPDIR:-/tmp}/fedsd-metrics.XXXXXX")
+        fi
+        export PROMETHEUS_MULTIPROC_DIR
+        fedsd metrics-exporter --port "$FEDSD_METRICS_PORT" \
+            --host "${FEDSD_METRICS_HOST:-0.0.0.0}" --multiproc-dir "$PROMETHEUS_MULTIPROC_DIR" &
         exporter=$!
     fi
     if [ "${FEDSD_WARM_START:-1}" = 1 ]; then
@@ -45,10 +50,9 @@ supervise() {
         wait "$main"
         status=$?
     done
-    local pid
-    for pid in $launcher $exporter; do
-        kill -TERM "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
+    for helper in $launcher $exporter; do
+        kill -TERM "$helper" 2>/dev/null
+        wait "$helper" 2>/dev/null
     done
     return "$status"
 }

@@ -99,6 +99,21 @@ def _cmd_metrics_exporter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_superlink_exporter(args: argparse.Namespace) -> int:
+    from fedsd.superlink_exporter import serve
+
+    serve(
+        args.port,
+        args.host,
+        connection=args.connection,
+        flwr_home=args.flwr_home,
+        address=args.address,
+        root_certificates=args.root_certificates,
+        interval=args.interval,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -172,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiproc-dir", required=True, help="the apps' PROMETHEUS_MULTIPROC_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     p.set_defaults(func=_cmd_metrics_exporter)
+
+    p = sub.add_parser(
+        "superlink-exporter",
+        help="serve Prometheus metrics about a SuperLink: health, nodes, runs",
+        description="Probe a SuperLink every --interval seconds (GET /health over TLS; nodes "
+        "and runs through its Control API, as `flwr supernode list` and `flwr ls` list them) "
+        "and serve the last probe on /metrics. The SuperLink is a connection of "
+        "$FLWR_HOME/config.toml (--flwr-home, --connection) or --address with "
+        "--root-certificates.",
+    )
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    p.add_argument("--flwr-home", default=None, help="Flower home with config.toml")
+    p.add_argument("--connection", default=None, help="connection name (default: its default)")
+    p.add_argument("--address", default=None, help="SuperLink host:port (instead of a config)")
+    p.add_argument("--root-certificates", default=None, help="CA of the SuperLink (with --address)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between probes")
+    p.set_defaults(func=_cmd_superlink_exporter)
 
     p = sub.add_parser(
         "app-launcher",

@@ -131,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round,
         int(flat.nbytes),
         int(task.received_bytes),
+        prom.epsilon_budgets(task.cfg.privacy),
     )
     if legacy:
         return _fitres_reply(msg, flat, weight, metrics, records_json(records))
@@ -167,7 +168,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedsd import metrics as prom
 
     run_key = str(config.get("run-key", "default"))
-    prom.record_node_eval(context.node_id, run_key, loss, int(task.received_bytes))
+    prom.record_node_eval(context.node_id, run_key, loss, int(task.received_bytes), n)
     metrics = MetricRecord(
         {"num-examples": n, "val-loss": loss, "val-examples": n, "cache-hits": task.cache_hits}
     )

@@ -15,9 +15,17 @@ Layout of the work directory (default ``OUT/.deploy``)::
     node-home/node-<i>/                              each SuperNode's FLWR_HOME (FAB installs)
     cache/node-<i>/                                  node-config cache-dir
     logs/<service>.log                               stdout+stderr of every service
+    metrics/<exporter>/                              app processes' prometheus-client files
+    prometheus.yml                                   scrapes this deployment's exporters
 
-Only ``fedsd.certs`` and ``fedsd.config`` are imported: no torch, no Flower (the Flower
-commands run as subprocesses).
+Metrics (``metrics_port=BASE``; ``fedsd up`` uses 9400 unless ``--no-metrics``): a
+``fedsd superlink-exporter`` on BASE, the ServerApp's ``fedsd metrics-exporter`` on BASE+1
+and SuperNode i's on BASE+10+i (``fedsd.observability``), all on 127.0.0.1, their
+multiprocess files in ``metrics/<service>/`` and a Prometheus configuration that scrapes
+them in ``prometheus.yml``.
+
+Only ``fedsd.certs``, ``fedsd.config`` and ``fedsd.observability`` are imported: no torch,
+no Flower (the Flower commands run as subprocesses).
 """
 
 from __future__ import annotations
@@ -46,10 +54,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fedsd.certs import CertMaterial, NodeKey, ensure_certs
 from fedsd.config import ConfigError, RunConfig
+from fedsd.observability import ALERTS, MetricsPorts, prometheus_config, targets
+
+if TYPE_CHECKING:
+    from fedsd.progress import ProgressView
 
 __all__ = [
     "CONNECTION",
@@ -551,6 +563,7 @@ class LocalDeployment:
         extra_env: Mapping[str, str] | None = None,
         warm_apps: bool = False,
         metrics_port: int | None = None,
+        superlink_probe_interval: float = 5.0,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -573,8 +586,10 @@ class LocalDeployment:
         self.certs: CertMaterial | None = None
         self.services: dict[str, Service] = {}
         self.warm_apps = warm_apps
-        # Prometheus: the ServerApp's exporter on metrics_port, SuperNode i's on +1+i
+        # Prometheus: SuperLink exporter on metrics_port, ServerApp's on +1, node i's on +10+i
         self.metrics_port = metrics_port
+        self.metrics = MetricsPorts(metrics_port) if metrics_port is not None else None
+        self.superlink_probe_interval = superlink_probe_interval
 
     # -- context manager ------------------------------------------------------------------
 
@@ -601,9 +616,13 @@ class LocalDeployment:
     def start(self) -> LocalDeployment:
         """Certificates, SuperLink, connection, registrations, SuperExec, SuperNodes."""
         self.ensure_certs()
+        self.check_metrics_ports()
         self.rotate_database()
         self.start_superlink()
         self.write_connection()
+        if self.metrics is not None:
+            self.start_superlink_exporter()
+            self.write_prometheus_config()
         self.start_superexec()  # needs no registration: overlap its start-up with it
         self.register_nodes()
         for i in range(self.nodes):
@@ -795,8 +814,8 @@ class LocalDeployment:
             str(certs.ca_cert),
         ]
         env = dict(self.env)
-        if self.metrics_port is not None:
-            env.update(self.start_exporter("metrics-serverapp", self.metrics_port, env))
+        if self.metrics is not None:
+            env.update(self.start_exporter("metrics-serverapp", self.metrics.serverapp, env))
         if self.warm_apps:
             env.update(self.start_launcher("launcher-serverapp", "flwr-serverapp", env))
         return self._start("superexec", argv, env=env)
@@ -847,8 +866,8 @@ class LocalDeployment:
             argv += ["--node-config", format_config_pairs(config)]
         argv += list(extra_args)
         env = {**self.env, "FLWR_HOME": str(node_home), **node_thread_env(self.nodes, self.env)}
-        if self.metrics_port is not None:
-            port = self.metrics_port + 1 + index
+        if self.metrics is not None:
+            port = self.metrics.node(index)
             env.update(self.start_exporter(f"metrics-node-{index}", port, env))
         if self.warm_apps:
             env.update(self.start_launcher(f"launcher-{index}", "flwr-clientapp", env))
@@ -865,6 +884,58 @@ class LocalDeployment:
         argv += ["--multiproc-dir", str(prom_dir), "--host", LOCALHOST]
         self._start(name, argv, env=env)
         return {"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+
+    def check_metrics_ports(self) -> None:
+        """Refuse to start when an exporter port is taken (e.g. by another ``fedsd up``):
+        the exporter would die after the SuperLink started, and take the run with it."""
+        if self.metrics is None:
+            return
+        busy = []
+        for port in self.metrics.all(self.nodes):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                # as the exporter's HTTP server binds: a port in TIME_WAIT is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((LOCALHOST, port))
+                except OSError:
+                    busy.append(port)
+        if busy:
+            raise DeployError(
+                f"metrics port(s) {', '.join(map(str, busy))} on {LOCALHOST} are in use "
+                f"(another fedsd up?): the exporters use {self.metrics.base} (SuperLink), "
+                f"{self.metrics.serverapp} (ServerApp) and {self.metrics.node(0)}+i (SuperNode "
+                "i); pass --metrics-port BASE to move them, or --no-metrics"
+            )
+
+    def start_superlink_exporter(self) -> Service:
+        """``fedsd superlink-exporter`` on the base metrics port, watching this SuperLink
+        through the ``local`` connection (health, nodes, runs)."""
+        assert self.metrics is not None
+        argv = [sys.executable, "-m", "fedsd.cli", "superlink-exporter"]
+        argv += ["--port", str(self.metrics.superlink), "--host", LOCALHOST]
+        argv += ["--flwr-home", str(self.flwr_home), "--connection", CONNECTION]
+        argv += ["--interval", f"{self.superlink_probe_interval:g}"]
+        return self._start("metrics-superlink", argv)
+
+    def write_prometheus_config(self, scrape_interval: str = "5s") -> Path:
+        """``prometheus.yml`` in the work dir: scrapes this deployment's exporters, with
+        the repository's alert rules (``prometheus --config.file=PATH``)."""
+        assert self.metrics is not None
+        rules = (str(ALERTS),) if ALERTS.is_file() else ()
+        text = prometheus_config(
+            targets(self.nodes, LOCALHOST, self.metrics.base),
+            scrape_interval=scrape_interval,
+            rule_files=rules,
+            header="Written by fedsd up --local for this deployment's metrics ports.",
+        )
+        path = self.work_dir / "prometheus.yml"
+        path.write_text(text, encoding="utf-8")
+        self._log(
+            f"metrics on http://{LOCALHOST}:{self.metrics.superlink}/metrics (SuperLink), "
+            f":{self.metrics.serverapp} (ServerApp), :{self.metrics.node(0)}+i (SuperNode i); "
+            f"Prometheus config {path}"
+        )
+        return path
 
     def start_launcher(self, name: str, entry: str, env: Mapping[str, str]) -> dict[str, str]:
         """Start a warm app launcher (``fedsd.warmstart``) named ``name`` for ``entry``
@@ -1217,13 +1288,7 @@ def run_local_from_args(args: argparse.Namespace) -> int:
     if args.shards is None:
         print("fedsd up: error: --local needs --shards DIR (see `fedsd shards`)", file=err)
         return 2
-    highlight = sys.stdout.isatty()
-
-    def stream(line: str) -> None:
-        if highlight and "fedsd round" in line:
-            line = f"\033[1m{line}\033[0m"
-        print(line, flush=True)
-
+    view = _progress_view(args)
     try:
         return run_local(
             args.nodes,
@@ -1233,16 +1298,37 @@ def run_local_from_args(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             model=args.model,
             privacy=args.privacy,
-            metrics_port=args.metrics_port,
+            metrics_port=None if args.no_metrics else args.metrics_port,
             work_dir=args.work_dir,
             app_dir=args.app_dir,
             port=args.port,
-            stream=stream,
+            stream=view,
             timeout=args.timeout,
         )
     except (ConfigError, FileNotFoundError, DeployError) as exc:
         print(f"fedsd up: error: {exc}", file=err)
         return 2
+    finally:
+        view.close()
+
+
+def _progress_view(args: argparse.Namespace) -> ProgressView:
+    """The live view of ``fedsd up``, told the planned rounds and the DP-SGD budget when
+    the run config can be read (run_local reports a config that cannot)."""
+    from fedsd.progress import ProgressView
+
+    view = ProgressView(sys.stdout)
+    try:
+        app = Path(args.app_dir) if args.app_dir else find_app_dir()
+        _, effective = build_run_config(
+            app, args.run_config, rounds=args.rounds, privacy=args.privacy, validate=False
+        )
+        view.progress.total = int(effective["num-server-rounds"])
+        if "dp-sample" in str(effective.get("privacy", "")):
+            view.budget = float(effective.get("dp-target-epsilon") or 0) or None
+    except (ConfigError, DeployError, OSError, KeyError, TypeError, ValueError):
+        pass
+    return view
 
 
 @contextlib.contextmanager

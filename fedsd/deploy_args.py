@@ -68,11 +68,13 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=None,
-        metavar="PORT",
-        help="serve Prometheus metrics on 127.0.0.1: the ServerApp's on PORT, SuperNode i's "
-        "on PORT+1+i (default: off)",
+        default=9400,
+        metavar="BASE",
+        help="Prometheus metrics on 127.0.0.1: the SuperLink exporter on BASE, the ServerApp "
+        "on BASE+1, SuperNode i on BASE+10+i (default 9400); the Prometheus configuration "
+        "that scrapes them is written to WORK_DIR/prometheus.yml",
     )
+    parser.add_argument("--no-metrics", action="store_true", help="start no metrics exporters")
     parser.add_argument(
         "--timeout",
         type=float,

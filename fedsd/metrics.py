@@ -65,8 +65,17 @@ def _node() -> dict[str, Any]:
         "messages": Counter(
             "fedsd_node_messages_total", "Messages handled", ("node", "run", "type")
         ),
-        "gpu_memory": Gauge(
-            "fedsd_node_gpu_memory_bytes", "Peak GPU memory of the last round", labels, **last
+        "epsilon_budget": Gauge(
+            "fedsd_node_epsilon_budget",
+            "Configured epsilon budget (dp-target-epsilon)",
+            ("node", "run", "mechanism"),
+            **last,
+        ),
+        "peak_memory": Gauge(
+            "fedsd_node_peak_memory_bytes",
+            "Peak memory of the last train message: kind=gpu (CUDA allocated), kind=rss (process)",
+            ("node", "run", "kind"),
+            **last,
         ),
     }
 
@@ -113,7 +122,41 @@ def _server() -> dict[str, Any]:
             run,
             **last,
         ),
+        "last_round_seconds": Gauge(
+            "fedsd_server_last_round_seconds", "Duration of the last round", run, **last
+        ),
+        "rounds_planned": Gauge(
+            "fedsd_server_rounds_planned", "num-server-rounds of the run", run, **last
+        ),
+        "round_timeout": Gauge(
+            "fedsd_server_round_timeout_seconds", "round-timeout of the run", run, **last
+        ),
+        "progress_time": Gauge(
+            "fedsd_server_progress_timestamp_seconds",
+            "Unix time of the last progress: run start or round end",
+            run,
+            **last,
+        ),
+        "val_loss_rising": Gauge(
+            "fedsd_server_val_loss_rising_rounds",
+            "Consecutive rounds in which the validation loss rose",
+            run,
+            **last,
+        ),
+        "epsilon_budget": Gauge(
+            "fedsd_server_epsilon_budget",
+            "Configured epsilon budget (dp-target-epsilon)",
+            ("run", "mechanism"),
+            **last,
+        ),
     }
+
+
+def _peak_rss_bytes() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 
 
 def record_node_train(
@@ -124,13 +167,19 @@ def record_node_train(
     server_round: int,
     bytes_sent: int,
     bytes_received: int,
+    epsilon_budgets: Mapping[str, float] | None = None,
 ) -> None:
-    """What a train message did on this node."""
+    """What a train message did on this node.
+
+    ``epsilon_budgets`` maps a mechanism to its configured budget, so that an alert can
+    compare the spent epsilon with a number Prometheus has (not one in a config file).
+    """
     if not enabled():
         return
     m, lab = _node(), {"node": str(node), "run": run}
     m["messages"].labels(type="train", **lab).inc()
-    m["val_loss"].labels(**lab).set(float(metrics["val-loss"]))
+    if float(metrics.get("val-examples", 1)) > 0:  # no val split: NaN that means "no data"
+        m["val_loss"].labels(**lab).set(float(metrics["val-loss"]))
     m["cache_hits"].labels(**lab).inc(int(metrics.get("cache-hits", 0)))
     m["bytes_sent"].labels(**lab).inc(bytes_sent)
     m["bytes_received"].labels(**lab).inc(bytes_received)
@@ -143,26 +192,55 @@ def record_node_train(
         m["step_seconds"].labels(**lab).observe(float(metrics["train-seconds"]) / steps)
         m["last_round"].labels(**lab).set(server_round)
     if "gpu-peak-bytes" in metrics:
-        m["gpu_memory"].labels(**lab).set(float(metrics["gpu-peak-bytes"]))
+        m["peak_memory"].labels(kind="gpu", **lab).set(float(metrics["gpu-peak-bytes"]))
+    m["peak_memory"].labels(kind="rss", **lab).set(_peak_rss_bytes())
     for rec in records:
         if rec.get("epsilon") is not None:
             m["epsilon"].labels(mechanism=rec["mechanism"], **lab).set(float(rec["epsilon"]))
+    for mech, budget in (epsilon_budgets or {}).items():
+        m["epsilon_budget"].labels(mechanism=mech, **lab).set(float(budget))
 
 
-def record_node_eval(node: int, run: str, val_loss: float, bytes_received: int) -> None:
+def record_node_eval(
+    node: int, run: str, val_loss: float, bytes_received: int, val_examples: float = 1
+) -> None:
     """What an evaluate message did on this node."""
     if not enabled():
         return
     m, lab = _node(), {"node": str(node), "run": run}
     m["messages"].labels(type="evaluate", **lab).inc()
-    m["val_loss"].labels(**lab).set(val_loss)
+    if val_examples > 0:
+        m["val_loss"].labels(**lab).set(val_loss)
     m["bytes_received"].labels(**lab).inc(bytes_received)
 
 
-def record_round(run: str, record: Mapping[str, Any]) -> None:
+def record_run_start(
+    run: str,
+    rounds_planned: int,
+    round_timeout: float,
+    epsilon_budgets: Mapping[str, float] | None = None,
+    when: float | None = None,
+) -> None:
+    """A ServerApp started (or resumed) the run: what the alerts compare against."""
+    if not enabled():
+        return
+    import time
+
+    m = _server()
+    m["rounds_planned"].labels(run=run).set(rounds_planned)
+    m["round_timeout"].labels(run=run).set(round_timeout)
+    m["progress_time"].labels(run=run).set(time.time() if when is None else when)
+    m["failed"].labels(run=run).inc(0)  # the failure counter exists (0) before any failure
+    for mech, budget in (epsilon_budgets or {}).items():
+        m["epsilon_budget"].labels(run=run, mechanism=mech).set(float(budget))
+
+
+def record_round(run: str, record: Mapping[str, Any], when: float | None = None) -> None:
     """A completed round, from its history record."""
     if not enabled():
         return
+    import time
+
     m = _server()
     m["round"].labels(run=run).set(record["round"])
     m["rounds"].labels(run=run).inc()
@@ -172,6 +250,8 @@ def record_round(run: str, record: Mapping[str, Any]) -> None:
     if record.get("train_loss") is not None:
         m["train_loss"].labels(run=run).set(record["train_loss"])
     m["round_seconds"].labels(run=run).observe(record["seconds"])
+    m["last_round_seconds"].labels(run=run).set(record["seconds"])
+    m["progress_time"].labels(run=run).set(time.time() if when is None else when)
     m["bytes_sent"].labels(run=run).inc(record["bytes_sent"])
     m["bytes_received"].labels(run=run).inc(record["bytes_received"])
     secagg = [p for p in record.get("privacy", []) if p["mechanism"] == "secagg+"]
@@ -187,16 +267,39 @@ def record_round(run: str, record: Mapping[str, Any]) -> None:
         m["max_epsilon"].labels(run=run, mechanism=mech).set(eps)
 
 
-def record_val_loss(run: str, loss: float | None) -> None:
-    """The validation loss of the latest aggregate."""
-    if enabled() and loss is not None:
+def record_val_loss(run: str, loss: float | None, rising_rounds: int | None = None) -> None:
+    """The validation loss of the latest aggregate, and for how many rounds in a row it
+    rose (an alert wants "rising for k rounds", which PromQL cannot count in rounds)."""
+    if not enabled():
+        return
+    if loss is not None:
         _server()["val_loss"].labels(run=run).set(loss)
+    if rising_rounds is not None:
+        _server()["val_loss_rising"].labels(run=run).set(rising_rounds)
 
 
 def record_checkpoint(run: str, when: float) -> None:
     """A checkpoint was written at ``when`` (unix seconds)."""
     if enabled():
         _server()["checkpoint_time"].labels(run=run).set(when)
+
+
+def rising_rounds(losses: list[float | None]) -> int:
+    """How many of the last consecutive steps of ``losses`` went up (None breaks a run)."""
+    count = 0
+    for prev, cur in zip(reversed(losses[:-1]), reversed(losses[1:]), strict=True):
+        if prev is None or cur is None or not cur > prev:
+            break
+        count += 1
+    return count
+
+
+def epsilon_budgets(privacy: Any) -> dict[str, float]:
+    """Configured budgets by mechanism name: DP-SGD's dp-target-epsilon when given."""
+    target = float(getattr(privacy, "dp_target_epsilon", 0.0) or 0.0)
+    if "dp-sample" in privacy.components and target > 0:
+        return {"dp-sgd": target}
+    return {}
 
 
 def serve_exporter(port: int, multiproc_dir: str, host: str = "127.0.0.1") -> None:

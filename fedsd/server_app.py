@@ -77,6 +77,12 @@ class Federation:
         cfg = self.cfg
         arrays = self.out.resume_arrays()
         start = self.out.completed_rounds + 1
+        prom.record_run_start(
+            self.out.run_key,
+            cfg.num_server_rounds,
+            cfg.round_timeout,
+            prom.epsilon_budgets(self.privacy),
+        )
         if arrays is None:
             arrays = self.initial_arrays()
             _say(
@@ -95,11 +101,13 @@ class Federation:
             self.out.save_round(server_round, arrays, record)
             prom.record_round(self.out.run_key, record)
             prom.record_checkpoint(self.out.run_key, time.time())
+            eps = [float(p["epsilon"]) for p in record["privacy"] if p.get("epsilon") is not None]
             _say(
                 f"round {server_round}/{cfg.num_server_rounds}: "
                 f"train_loss={_fmt(record['train_loss'])} "
                 f"nodes={record['nodes_replied']}/{record['nodes_sampled']} "
                 f"failed={record['nodes_failed']} time={record['seconds']:.1f}s"
+                + (f" epsilon={max(eps):.4g}" if eps else "")
             )
             for line in privacy_lines(record):
                 _say(line)
@@ -240,9 +248,16 @@ class Federation:
         if eval_of == 0 or self.out.val_loss_pending(eval_of):
             loss = _none_if_nan(weighted_metric(val))
             self.out.set_val_loss(eval_of, loss, len(val))
-            prom.record_val_loss(self.out.run_key, loss)
+            prom.record_val_loss(self.out.run_key, loss, prom.rising_rounds(self.val_losses()))
             what = "initial adapter (base model)" if eval_of == 0 else f"round {eval_of}"
             _say(f"val_loss {what}: {_fmt(loss)} ({len(val)} nodes)")
+
+    def val_losses(self) -> list[float | None]:
+        """Validation losses so far: the initial adapter's, then each round's aggregate."""
+        hist = self.out.history
+        losses = [hist.get("baseline_val_loss")] if "baseline_val_loss" in hist else []
+        rounds = hist.get("rounds", [])
+        return losses + [r.get("val_loss") for r in rounds if "eval_nodes_replied" in r]
 
     def secure_exchange(
         self, server_round: int, arrays: dict[str, np.ndarray], sampled: list[int]

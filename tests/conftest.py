@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +57,24 @@ SLOWEST_FIRST = [
 ]
 
 
+# Files that share a session fixture run on one pytest-xdist worker (the fixture's one
+# deployment); every other file is its own group.
+SAME_WORKER = {"test_observability.py": "test_e2e.py"}  # both use e2e_run
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     def key(item):
         name = item.path.name
         rank = SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
-        # Within a file, `heavy` tests first: xdist hands a worker its next file once two
+        # Within a file, `heavy` tests first: xdist hands a worker its next group once two
         # or fewer of its tests are pending, which must not happen behind a long test.
         return (rank, item.get_closest_marker("heavy") is None)
 
     items.sort(key=key)  # stable: the order inside a file is kept otherwise
+    for item in items:  # `make test` runs pytest -n 4 --dist loadgroup
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(name, name)))
 
 
 @dataclass(frozen=True)
@@ -97,3 +110,176 @@ def ci_images() -> CiImages:
         time.monotonic() - t0,
         output,
     )
+
+
+# --------------------------------------------------------------------------- one real run
+
+
+def free_port_block(n: int) -> int:
+    """A base port with ``n`` free ports after it, below Linux's ephemeral range (32768+):
+    fixed ports in that range can be taken by any outgoing connection's source port."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError("no block of free ports")
+
+
+E2E_NODES = 2
+# DP-SGD with a fixed noise multiplier, so every round reports epsilon, and a target far
+# above it: the budget is exported (fedsd_*_epsilon_budget) and never reached.
+E2E_RUN_CONFIG = "resolution=64 learning-rate=0.001 dp-noise-multiplier=1.0 dp-target-epsilon=1000"
+
+
+@dataclass
+class E2ERun:
+    """``fedsd up --local`` through the CLI, watched by a real Prometheus when installed."""
+
+    returncode: int
+    stdout: str  # stdout and stderr, in order
+    out: Path
+    shards: Path
+    metrics_base: int
+    prometheus: str | None  # http://127.0.0.1:PORT, None when prometheus is not installed
+    prometheus_error: str | None
+    started: float  # unix time: every SuperNode online
+    finished: float  # unix time: the run's final status printed, before the teardown
+
+
+def fedsd_up_argv(tiny_model, shards, out, rounds: int, metrics_base: int) -> list[str]:
+    """The e2e tests' `fedsd up --local` command line."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsd.cli",
+        "up",
+        "--local",
+        "--nodes",
+        str(E2E_NODES),
+        "--rounds",
+        str(rounds),
+        "--model",
+        str(tiny_model),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--privacy",
+        "dp-sample",
+        "--run-config",
+        E2E_RUN_CONFIG,
+        "--timeout",
+        "600",
+        "--metrics-port",
+        str(metrics_base),
+    ]
+
+
+def run_fedsd_up(argv: list[str]) -> tuple[int, str, float, float]:
+    """Run it; return (exit status, output, unix time all nodes were online, unix time the
+    final status was printed)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    lines, started, finished = [], 0.0, 0.0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if not started and "SuperNode(s) online" in line:
+            started = time.time()
+        if "fedsd up: run " in line and (" finished:" in line or " ended as " in line):
+            finished = time.time()
+    code = proc.wait(timeout=700)
+    return code, "".join(lines), started, finished or time.time()
+
+
+@contextlib.contextmanager
+def prometheus_server(root: Path, port: int, targets: list) -> Iterator[tuple[str | None, str]]:
+    """A real Prometheus on 127.0.0.1:port scraping ``targets`` every second, with the
+    repository's alert rules; yields (url or None, why not)."""
+    from fedsd.observability import ALERTS, prometheus_config
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        yield None, "prometheus is not installed: run bash docker/ci-observability.sh (root)"
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "prometheus.yml"
+    config.write_text(
+        prometheus_config(targets, scrape_interval="1s", rule_files=(str(ALERTS),)),
+        encoding="utf-8",
+    )
+    log = (root / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                yield None, f"prometheus did not start: {(root / 'prometheus.log').read_text()}"
+                return
+            time.sleep(0.2)
+        yield url, ""
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tiny_model, tmp_path_factory) -> Iterator[E2ERun]:
+    """`fedsd up --local --nodes 2 --rounds 2` once, through the real CLI, with DP-SGD and
+    metrics on explicit free ports, scraped by a real Prometheus (tests/test_e2e.py and
+    tests/test_observability.py share it: one deployment for both)."""
+    from fedsd.observability import MetricsPorts, targets
+
+    root = tmp_path_factory.mktemp("e2e")
+    shards = root / "shards"
+    subprocess.run(
+        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
+        + ["--num-shards", str(E2E_NODES), "--synthetic-images", "24", "--out", str(shards)],
+        check=True,
+    )
+    # base: SuperLink exporter, +1 ServerApp, +2 Prometheus, +10+i SuperNode i
+    base = free_port_block(MetricsPorts(0).node(E2E_NODES))
+    out = root / "out"
+    scrape = targets(E2E_NODES, "127.0.0.1", base)
+    with prometheus_server(root / "prometheus", base + 2, scrape) as (url, why):
+        code, output, started, finished = run_fedsd_up(
+            fedsd_up_argv(tiny_model, shards, out, 2, base)
+        )
+        yield E2ERun(code, output, out, shards, base, url, why or None, started, finished)

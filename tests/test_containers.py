@@ -74,8 +74,9 @@ def test_hadolint_every_dockerfile():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def _config(*files: str, env: dict[str, str] | None = None) -> dict:
-    res = _run([*_compose_cmd(*files), "config", "--format", "json"], timeout=60, env=env)
+def _config(*files: str, env: dict[str, str] | None = None, profiles: tuple = ()) -> dict:
+    args = [a for p in profiles for a in ("--profile", p)]
+    res = _run([*_compose_cmd(*files), *args, "config", "--format", "json"], timeout=60, env=env)
     return json.loads(res.stdout)
 
 
@@ -117,6 +118,40 @@ def test_compose_config_is_valid_and_hardened():
     assert services["superlink"]["depends_on"]["certs"]["condition"] == (
         "service_completed_successfully"
     )
+
+
+def test_compose_monitoring_matches_the_prometheus_config():
+    """Profile `monitoring`: Prometheus and Grafana, hardened, published on loopback only,
+    pinned images; every exporter's port in compose is the one prometheus.yml scrapes."""
+    import yaml
+
+    cfg = _config("compose.yaml", profiles=("monitoring",))
+    services = cfg["services"]
+    for name in ("prometheus", "grafana", "superlink-exporter"):
+        svc = services[name]
+        assert svc.get("read_only") is True and svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+    for name in ("prometheus", "grafana"):
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+        assert all(p["host_ip"] == "127.0.0.1" for p in services[name]["ports"]), name
+    assert {"backend", "fleet"} <= set(services["prometheus"]["networks"])
+    assert (
+        "profiles" in services["prometheus"]
+        and "prometheus" not in _config("compose.yaml")["services"]
+    )
+    scraped = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
+    addresses = {
+        t
+        for job in scraped["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    }
+    served = {
+        f"{name}:{services[name]['environment']['FEDSD_METRICS_PORT']}"
+        for name in ("superlink-exporter", "serverapp", "supernode-0", "supernode-1")
+    }
+    assert addresses == served
 
 
 def test_compose_ci_override_uses_only_the_host_network():
@@ -312,6 +347,10 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
         "FEDSD_CI_NODE0_HEALTH_PORT": _free_port(),
         "FEDSD_CI_NODE1_PORT": _free_port(),
         "FEDSD_CI_NODE1_HEALTH_PORT": _free_port(),
+        "FEDSD_CI_SUPERLINK_METRICS_PORT": _free_port(),
+        "FEDSD_CI_SERVERAPP_METRICS_PORT": _free_port(),
+        "FEDSD_CI_NODE0_METRICS_PORT": _free_port(),
+        "FEDSD_CI_NODE1_METRICS_PORT": _free_port(),
     }
     with _podman_service(podman, root) as docker_host:
         env = {
@@ -380,6 +419,23 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
                 # Fleet request passes the proxy (the SuperLink itself refuses it: no node auth).
                 assert _https_status(f"{link}/v1/control/list-runs", ca, "POST") == 200
                 assert _https_status(f"{proxy}/v1/fleet/get-run", ca, "POST") == 401
+
+                # Every service's metrics exporter serves what its processes recorded.
+                def scrape(port_var: str) -> str:
+                    port = ports[port_var]
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+                        return resp.read().decode()
+
+                assert "fedsd_server_rounds_completed_total{" in scrape(
+                    "FEDSD_CI_SERVERAPP_METRICS_PORT"
+                )
+                for i in (0, 1):
+                    assert "fedsd_node_train_steps_total{" in scrape(
+                        f"FEDSD_CI_NODE{i}_METRICS_PORT"
+                    )
+                link_metrics = scrape("FEDSD_CI_SUPERLINK_METRICS_PORT")
+                assert "fedsd_superlink_up 1.0" in link_metrics
+                assert 'fedsd_superlink_runs{status="completed"} 1.0' in link_metrics
         finally:
             t0 = time.monotonic()
             _run([*compose, "down", "-v", "--remove-orphans"], timeout=600, env=env, check=False)

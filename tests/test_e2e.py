@@ -1,111 +1,35 @@
 """End to end over a real Flower deployment: TLS SuperLink with node authentication,
-two SuperNodes, a ServerApp SuperExec, ``flwr run``; tiny model, synthetic shards."""
+two SuperNodes, a ServerApp SuperExec, ``flwr run``; tiny model, synthetic shards, DP-SGD.
+The run is the ``e2e_run`` fixture of conftest.py (shared with test_observability.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import E2E_NODES, fedsd_up_argv, run_fedsd_up
+
 pytestmark = pytest.mark.e2e
 
 
-def _free_port_block(n: int) -> int:
-    """A base port with ``n`` free ports after it, below Linux's ephemeral range (32768+):
-    fixed ports in that range can be taken by any outgoing connection's source port."""
-    import random
-    import socket
-
-    for _ in range(50):
-        base = random.randrange(20000, 32000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                sk = socket.socket()
-                socks.append(sk)
-                sk.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-    raise RuntimeError("no block of free ports")
+def test_run_succeeds_and_shows_progress(e2e_run):
+    assert e2e_run.returncode == 0, e2e_run.stdout[-6000:]
+    assert "fedsd round 1/2" in e2e_run.stdout and "fedsd round 2/2" in e2e_run.stdout
+    # Not a terminal: the progress view adds one line per round, and one at the end.
+    progress = [ln for ln in e2e_run.stdout.splitlines() if ln.startswith("fedsd progress: ")]
+    assert len(progress) == 3, progress
+    assert progress[0].startswith("fedsd progress: round 1/2 done | nodes 2/2 | train ")
+    assert "val " in progress[1] and "(r1)" in progress[1] and "eps " in progress[1]
+    assert "/1000 " in progress[1]  # epsilon against dp-target-epsilon
+    assert progress[2].startswith("fedsd progress: round 2/2 (finished:completed)")
+    assert "(r2)" in progress[2]
 
 
-METRICS_PORT = _free_port_block(3)
-
-
-def _up(tiny_model, shards, out, rounds):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsd.cli",
-            "up",
-            "--local",
-            "--nodes",
-            "2",
-            "--rounds",
-            str(rounds),
-            "--model",
-            str(tiny_model),
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            "--run-config",
-            "resolution=64 learning-rate=0.001",
-            "--timeout",
-            "600",
-            "--metrics-port",
-            str(METRICS_PORT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=700,
-    )
-
-
-@pytest.fixture(scope="module")
-def federation(tiny_model, tmp_path_factory):
-    """Run `fedsd up --local --nodes 2 --rounds 2` once, through the real CLI."""
-    root = tmp_path_factory.mktemp("e2e")
-    shards = root / "shards"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsd.cli",
-            "shards",
-            "--source",
-            "synthetic",
-            "--num-shards",
-            "2",
-            "--synthetic-images",
-            "24",
-            "--out",
-            str(shards),
-        ],
-        check=True,
-    )
-    out = root / "out"
-    proc = _up(tiny_model, shards, out, 2)
-    return proc, out, shards
-
-
-def test_run_succeeds_and_shows_progress(federation):
-    proc, _, _ = federation
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "fedsd round 1/2" in proc.stdout and "fedsd round 2/2" in proc.stdout
-
-
-def test_history_records_every_round(federation):
-    _, out, _ = federation
+def test_history_records_every_round(e2e_run):
+    out = e2e_run.out
     hist = json.loads((out / "history.json").read_text())
     rounds = hist["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -118,34 +42,50 @@ def test_history_records_every_round(federation):
     assert all(n["cache-hits"] >= 1 for n in rounds[1]["nodes"])
 
 
-def test_metrics_of_every_service_match_the_history(federation):
-    """``--metrics-port``: each SuperNode and the ServerApp got an exporter; what their app
-    processes recorded agrees with history.json."""
+def test_metrics_of_every_service_match_the_history(e2e_run):
+    """``--metrics-port BASE``: the SuperLink, each SuperNode and the ServerApp got an
+    exporter on the documented port; what their app processes recorded agrees with
+    history.json."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    _, out, _ = federation
+    out, base = e2e_run.out, e2e_run.metrics_base
     hist = json.loads((out / "history.json").read_text())
     logs = out / ".deploy" / "logs"
-    assert f"127.0.0.1:{METRICS_PORT}/metrics" in (logs / "metrics-serverapp.log").read_text()
-    assert f"127.0.0.1:{METRICS_PORT + 2}/metrics" in (logs / "metrics-node-1.log").read_text()
+    assert f"127.0.0.1:{base}/metrics" in (logs / "metrics-superlink.log").read_text()
+    assert f"127.0.0.1:{base + 1}/metrics" in (logs / "metrics-serverapp.log").read_text()
+    assert f"127.0.0.1:{base + 11}/metrics" in (logs / "metrics-node-1.log").read_text()
+    prometheus_yml = (out / ".deploy" / "prometheus.yml").read_text()
+    assert f'"127.0.0.1:{base + 10}"' in prometheus_yml and "alerts.yml" in prometheus_yml
 
     def samples(name):
         reg = CollectorRegistry()
         MultiProcessCollector(reg, path=str(out / ".deploy" / "metrics" / name))
-        return {s.name: s.value for fam in reg.collect() for s in fam.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in reg.collect()
+            for s in fam.samples
+        }
+
+    def total(got, name):
+        return sum(v for (n, _), v in got.items() if n == name)
 
     server = samples("metrics-serverapp")
-    assert server["fedsd_server_rounds_completed_total"] == 2
+    assert total(server, "fedsd_server_rounds_completed_total") == 2
+    assert total(server, "fedsd_server_rounds_planned") == 2
     steps = sum(n["train-steps"] for r in hist["rounds"] for n in r["nodes"])
-    node_steps = sum(samples(f"metrics-node-{i}")["fedsd_node_train_steps_total"] for i in range(2))
-    assert node_steps == steps
+    nodes = [samples(f"metrics-node-{i}") for i in range(E2E_NODES)]
+    assert sum(total(n, "fedsd_node_train_steps_total") for n in nodes) == steps
+    for got in nodes:
+        assert total(got, "fedsd_node_epsilon_budget") == 1000
+        rss = [v for (n, lab), v in got.items() if n == "fedsd_node_peak_memory_bytes"]
+        assert rss and all(v > 50e6 for v in rss)  # a ClientApp with torch imported
 
 
-def test_adapters_load_in_diffusers_and_change_the_unet(federation, tiny_model):
+def test_adapters_load_in_diffusers_and_change_the_unet(e2e_run, tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    _, out, _ = federation
+    out = e2e_run.out
     for d in ("round-1", "round-2", "latest"):
         assert (out / d / "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
@@ -157,14 +97,15 @@ def test_adapters_load_in_diffusers_and_change_the_unet(federation, tiny_model):
     assert (adapted - base).abs().max() > 1e-6
 
 
-def test_restart_resumes_after_the_last_round(federation, tiny_model):
+def test_restart_resumes_after_the_last_round(e2e_run, tiny_model):
     """Same OUT, more rounds: the ServerApp continues from round 2's adapter."""
-    _, out, shards = federation
+    out = e2e_run.out
     before = json.loads((out / "history.json").read_text())["rounds"]
-    proc = _up(tiny_model, shards, out, 3)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resuming after round 2" in proc.stdout
-    assert "fedsd round 1/3" not in proc.stdout and "fedsd round 3/3" in proc.stdout
+    argv = fedsd_up_argv(tiny_model, e2e_run.shards, out, 3, e2e_run.metrics_base)
+    code, stdout, _, _ = run_fedsd_up(argv)
+    assert code == 0, stdout[-6000:]
+    assert "resuming after round 2" in stdout
+    assert "fedsd round 1/3" not in stdout and "fedsd round 3/3" in stdout
     after = json.loads((out / "history.json").read_text())["rounds"]
     assert [r["round"] for r in after] == [1, 2, 3]
     assert after[:2] == before  # earlier rounds untouched

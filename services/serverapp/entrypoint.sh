@@ -1,6 +1,6 @@
 #!/bin/bash
-# ServerApp image: `superexec [EXTRA FLAGS]` (default), `certs`, `launch`, `health`, or any
-# command.
+# ServerApp image: `superexec [EXTRA FLAGS]` (default), `certs`, `launch`,
+# `superlink-exporter`, `health`, `metrics-health`, or any command.
 #
 #   superexec  flower-superexec for ServerApps: polls the SuperLink's Runtime API and starts
 #              one ServerApp process per run (forked from a warm launcher, FEDSD_WARM_START)
@@ -11,13 +11,19 @@
 #              nodes/node-<i>.pub). As root it hands the files to APP_UID (10001).
 #   k8s-certs  the Kubernetes certs Job: create the Secrets fedsd-tls, fedsd-ca,
 #              fedsd-node-keys, fedsd-node-pubkeys when missing (docker/k8s_certs.py)
+#   superlink-exporter
+#              fedsd superlink-exporter: the SuperLink's health, nodes and runs (asked over
+#              its Control API with the CA) as Prometheus metrics on
+#              FEDSD_METRICS_HOST:FEDSD_METRICS_PORT [0.0.0.0:9400], every
+#              FEDSD_PROBE_INTERVAL seconds [10]
 #   launch register|run
 #              register the node keys / flwr run --stream and exit with the run's status
 #              (docker/launch.py; settings from FEDSD_* variables, see there)
 #
 # Environment: SUPERLINK_ADDRESS (Runtime/Control API, host:port) [superlink:9092],
 # FEDSD_CERTS [/certs], FEDSD_CA_CERT [$FEDSD_CERTS/ca.crt], SUPEREXEC_HEALTH_PORT [9096],
-# FEDSD_METRICS_PORT (serve the ServerApps' Prometheus metrics there) [].
+# FEDSD_METRICS_PORT (superexec: the ServerApp's metrics exporter, off when empty or 0;
+# see docker/supervise.sh).
 set -euo pipefail
 # shellcheck source=docker/supervise.sh
 . /opt/fedsd/supervise.sh
@@ -63,6 +69,21 @@ launch)
 k8s-certs)
     shift
     exec python /opt/fedsd/k8s_certs.py "$@"
+    ;;
+superlink-exporter)
+    shift
+    require_file "$ca" "CA certificate"
+    exec fedsd superlink-exporter \
+        --port "${FEDSD_METRICS_PORT:-9400}" \
+        --host "${FEDSD_METRICS_HOST:-0.0.0.0}" \
+        --address "${SUPERLINK_ADDRESS:-superlink:9092}" \
+        --root-certificates "$ca" \
+        --interval "${FEDSD_PROBE_INTERVAL:-10}" \
+        "$@"
+    ;;
+metrics-health)
+    exec python /opt/fedsd/healthcheck.py http \
+        "http://127.0.0.1:${FEDSD_METRICS_PORT:-9400}/metrics"
     ;;
 health)
     exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}"

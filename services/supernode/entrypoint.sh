@@ -15,7 +15,8 @@
 #   SUPERNODE_PORT         the SuperNode's own Runtime API port [9094]
 #   SUPERNODE_HEALTH_PORT  gRPC health server on 127.0.0.1 [9095]
 #   FEDSD_WARM_START       1: fork ClientApps from a launcher with torch imported [1]
-#   FEDSD_METRICS_PORT     serve the ClientApps' Prometheus metrics on this port []
+#   FEDSD_METRICS_PORT     the node's metrics exporter (off when empty or 0) []; and
+#   FEDSD_METRICS_HOST     its address [0.0.0.0]: see docker/supervise.sh
 set -euo pipefail
 # shellcheck source=docker/supervise.sh
 . /opt/fedsd/supervise.sh
