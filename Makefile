@@ -39,11 +39,12 @@ host-setup: install
 	bash docker/ci-observability.sh
 
 # Four workers on two cores: the end-to-end tests mostly wait (polls, process starts,
-# image builds), so they overlap well. One file per worker (a module fixture holds one
-# deployment); tests/conftest.py groups files that share one and puts the slowest first.
+# image builds), so they overlap well. One file per worker (a module or session fixture
+# holds one deployment: tests that share one live in one file); tests/conftest.py puts the
+# slowest files first. (Not loadgroup: pytest 9 ignores the nodeid suffix it relies on.)
 PYTEST_WORKERS ?= 4
 test: lint host-setup
-	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.
 bench: install

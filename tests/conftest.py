@@ -57,24 +57,15 @@ SLOWEST_FIRST = [
 ]
 
 
-# Files that share a session fixture run on one pytest-xdist worker (the fixture's one
-# deployment); every other file is its own group.
-SAME_WORKER = {"test_observability.py": "test_e2e.py"}  # both use e2e_run
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     def key(item):
         name = item.path.name
         rank = SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
-        # Within a file, `heavy` tests first: xdist hands a worker its next group once two
+        # Within a file, `heavy` tests first: xdist hands a worker its next file once two
         # or fewer of its tests are pending, which must not happen behind a long test.
         return (rank, item.get_closest_marker("heavy") is None)
 
     items.sort(key=key)  # stable: the order inside a file is kept otherwise
-    for item in items:  # `make test` runs pytest -n 4 --dist loadgroup
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(name, name)))
 
 
 @dataclass(frozen=True)

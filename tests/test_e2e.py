@@ -1,16 +1,28 @@
 """End to end over a real Flower deployment: TLS SuperLink with node authentication,
 two SuperNodes, a ServerApp SuperExec, ``flwr run``; tiny model, synthetic shards, DP-SGD.
-The run is the ``e2e_run`` fixture of conftest.py (shared with test_observability.py)."""
+The run is the ``e2e_run`` fixture of conftest.py, watched by a real Prometheus whose data
+the observability checks at the end of this file read (one deployment, one xdist worker)."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedsd import dashboards
 from tests.conftest import E2E_NODES, fedsd_up_argv, run_fedsd_up
+from tests.test_observability import _alert_rules
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
 
@@ -109,3 +121,103 @@ def test_restart_resumes_after_the_last_round(e2e_run, tiny_model):
     after = json.loads((out / "history.json").read_text())["rounds"]
     assert [r["round"] for r in after] == [1, 2, 3]
     assert after[:2] == before  # earlier rounds untouched
+
+
+# ------------------------------------------- observability of the same run (issue 5)
+
+_METRIC = re.compile(r"\b(fedsd_[a-z0-9_]+|up)\b(\{[^}]*\})?")
+
+
+def _query_range(url: str, expr: str, start: float, end: float) -> list[dict]:
+    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "1s"})
+    with urllib.request.urlopen(f"{url}/api/v1/query_range?{params}", timeout=30) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def _has_data(result: list[dict]) -> bool:
+    return any(not math.isnan(float(v)) for series in result for _, v in series["values"])
+
+
+@pytest.mark.e2e
+def test_every_dashboard_query_and_alert_input_has_data_in_a_real_run(e2e_run):
+    """A real Prometheus scraped every exporter of a real ``fedsd up --local`` run (2 nodes,
+    2 rounds, DP-SGD, scrape and rule evaluation every second, the repository's rules).
+
+    Over the run's window (all nodes online + one SuperLink probe, to the final status):
+
+    * every PromQL target of every dashboard panel returns data (Grafana variables
+      expanded as Grafana would: ``$run`` = all runs);
+    * for every alert rule, every series its expression reads (each ``fedsd_*``/``up``
+      selector in it, with its label matchers) returns data. The rule expressions
+      themselves must return *nothing* in a healthy run, so evaluating them would prove
+      nothing: this shows they are not blind (a renamed metric or a wrong label fails
+      here), promtool's unit tests (test_every_alert_fires_in_promtool_unit_tests) show
+      they fire on bad histories;
+    * Prometheus evaluated every rule without error, and none fired (``ALERTS``).
+    """
+    if e2e_run.prometheus is None:
+        pytest.fail(e2e_run.prometheus_error or "no Prometheus")
+    assert e2e_run.returncode == 0, e2e_run.stdout[-4000:]
+    url = e2e_run.prometheus
+    assert e2e_run.started > 0, "no 'SuperNode(s) online' line in the output"
+    start, end = e2e_run.started + 7.0, e2e_run.finished  # SuperLink probe every 5 s
+    assert end - start > 10, (start, end)
+    missing = []
+    for name, build in dashboards.DASHBOARDS.items():
+        for title, ref, expr in dashboards.queries(build()):
+            query = dashboards.expand(expr)
+            if not _has_data(_query_range(url, query, start, end)):
+                missing.append(f"{name} / {title!r} / {ref}: {query}")
+    assert not missing, "dashboard queries without data:\n" + "\n".join(missing)
+
+    rules = _alert_rules()
+    blind = []
+    for rule in rules:
+        for m in _METRIC.finditer(rule["expr"]):
+            selector = m.group(0)
+            if not _has_data(_query_range(url, selector, start, end)):
+                blind.append(f"{rule['alert']}: {selector}")
+    assert not blind, "alert inputs without data:\n" + "\n".join(blind)
+
+    with urllib.request.urlopen(f"{url}/api/v1/rules", timeout=30) as resp:
+        groups = json.loads(resp.read())["data"]["groups"]
+    loaded = {r["name"]: r for g in groups for r in g["rules"]}
+    assert set(loaded) == {r["alert"] for r in rules}
+    assert all(r["health"] == "ok" for r in loaded.values()), loaded
+    fired = _query_range(url, 'ALERTS{alertstate="firing"}', start, end)
+    assert not fired, [s["metric"] for s in fired]
+
+    # The SuperLink exporter saw what the SuperLink did: both nodes online, the run running.
+    def peak(expr: str) -> float:
+        values = [float(v) for s in _query_range(url, expr, start, end) for _, v in s["values"]]
+        return max(values)
+
+    assert peak('fedsd_superlink_nodes{status="online"}') == 2
+    assert peak('fedsd_superlink_runs{status="running"}') == 1
+    assert peak("fedsd_superlink_up") == 1
+    assert peak("max(fedsd_server_round)") == 2
+    assert peak('count(up{job="supernode"} == 1)') == 2
+
+
+@pytest.mark.e2e
+def test_training_health_dashboard_renders_from_the_run(e2e_run, tmp_path):
+    """bench/render_dashboard.py draws every panel of training-health.json from the run's
+    Prometheus data (the committed docs/training-health.png comes from this script)."""
+    if e2e_run.prometheus is None:
+        pytest.fail(e2e_run.prometheus_error or "no Prometheus")
+    out = tmp_path / "training-health.png"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "render_dashboard.py")]
+        + ["--prometheus", e2e_run.prometheus, "--out", str(out)]
+        + ["--start", str(e2e_run.started), "--end", str(e2e_run.finished)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["panels"] == len(dashboards.training_health()["panels"])
+    assert report["without_data"] == []
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
