@@ -540,7 +540,15 @@ class Federation:
     # ------------------------------------------------------------------ probes, checks
 
     def probe(self, pod: Pod, ctr: dict, cname: str, probe: dict) -> str | None:
-        """None when the probe passes, else why not."""
+        """None when the probe passes, else why not. A probe that outlasts its timeout is
+        a failed attempt, retried until the deadline, as the kubelet retries it (on a loaded
+        2-core machine a `podman exec` alone can take seconds)."""
+        try:
+            return self._probe_once(pod, ctr, cname, probe)
+        except subprocess.TimeoutExpired as exc:
+            return f"timed out after {exc.timeout} s"
+
+    def _probe_once(self, pod: Pod, ctr: dict, cname: str, probe: dict) -> str | None:
         timeout = probe.get("timeoutSeconds", 1) + 5
         if "exec" in probe:
             res = _sh([self.podman, "exec", cname, *probe["exec"]["command"]], timeout=timeout,

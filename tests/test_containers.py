@@ -316,6 +316,31 @@ def _fedsd(*args: str, timeout: float = 300) -> None:
     _run([sys.executable, "-m", "fedsd.cli", *args], timeout=timeout)
 
 
+def _wait_for_service(podman: str, project: str, service: str, timeout: float) -> tuple[int, str]:
+    """Wait until the compose service's container has exited; its exit code and output."""
+    labels = [
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+        "--filter",
+        f"label=com.docker.compose.service={service}",
+    ]
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = _run([podman, "ps", "-a", "-q", *labels], timeout=60).stdout.split()
+        if ids:
+            state = _run(
+                [podman, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", ids[0]],
+                timeout=60,
+            ).stdout.split()
+            if state and state[0] in ("exited", "stopped"):
+                logs = _run([podman, "logs", ids[0]], timeout=60, check=False)
+                return int(state[1]), logs.stdout + logs.stderr
+        if time.monotonic() > deadline:
+            ps = _run([podman, "ps", "-a", "--filter", labels[1]], timeout=60, check=False)
+            pytest.fail(f"{service} did not exit within {timeout} s:\n{ps.stdout}")
+        time.sleep(2)
+
+
 @pytest.mark.heavy
 @pytest.mark.timeout(3600)
 def test_compose_up_trains_end_to_end(tmp_path, ci_images):
@@ -378,24 +403,21 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
                 _run([*compose, "up", "-d", "--no-build"], timeout=1200, env=env)
                 timings["up"] = time.monotonic() - t0
                 t0 = time.monotonic()
-                # `compose run` exits 0 whatever the container did under podman 4.3;
-                # `compose wait` returns the launcher's own exit status.
-                waited = _run([*compose, "wait", "launcher"], timeout=1800, env=env, check=False)
+                # The launcher's own exit status and output, from podman: under podman 4.3
+                # `compose run` exits 0 whatever the container did, and `compose wait` /
+                # `compose logs` came back with 0 and no output once on a loaded machine.
+                code, output = _wait_for_service(podman, project, "launcher", timeout=1800)
                 timings["run"] = time.monotonic() - t0
-                logs = _run([*compose, "logs", "--no-color", "launcher"], timeout=60, env=env)
-                if waited.returncode != 0:
+                if code != 0:
                     tails = _run(
                         [*compose, "logs", "--no-color", "--tail", "40"],
                         timeout=60,
                         env=env,
                         check=False,
                     )
-                    pytest.fail(
-                        f"launcher exited {waited.returncode}\n{logs.stdout[-6000:]}\n"
-                        f"{tails.stdout}"
-                    )
-                assert "finished:completed" in logs.stdout
-                print("\n".join(ln for ln in logs.stdout.splitlines() if "fedsd " in ln))
+                    pytest.fail(f"launcher exited {code}\n{output[-6000:]}\n{tails.stdout}")
+                assert "finished:completed" in output, output[-6000:]
+                print("\n".join(ln for ln in output.splitlines() if "fedsd " in ln))
                 adapter = out / "latest" / "pytorch_lora_weights.safetensors"
                 assert adapter.is_file() and adapter.stat().st_size > 0
                 history = json.loads((out / "history.json").read_text())
