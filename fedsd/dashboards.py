@@ -68,6 +68,13 @@ def _panel(
     return panel
 
 
+def _stat(
+    title: str, description: str, targets: list[tuple[str, str]], *, unit: str = "short"
+) -> dict[str, Any]:
+    """A stat panel: one number (the last value), a quarter of a row wide."""
+    return _panel(title, description, targets, unit=unit, kind="stat", width=6, height=5)
+
+
 def _layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ids 1..n and left-to-right rows of Grafana's 24-column grid."""
     x = y = row_height = 0
@@ -124,42 +131,30 @@ def _dashboard(
 def training_health() -> dict[str, Any]:
     """The ``fedsd-training-health`` dashboard."""
     panels = [
-        _panel(
+        _stat(
             "Round",
             "Last completed round and num-server-rounds of each run",
             [
                 (f"max by (run) (fedsd_server_round{RUN})", "round ({{run}})"),
                 (f"max by (run) (fedsd_server_rounds_planned{RUN})", "planned ({{run}})"),
             ],
-            kind="stat",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Seconds since progress",
             "Since the run started or last completed a round; alert RoundStalled compares "
             "it with round-timeout",
             [(f"time() - max by (run) (fedsd_server_progress_timestamp_seconds{RUN})", "{{run}}")],
-            kind="stat",
             unit="s",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Node failures",
             "Sampled nodes that did not reply with an update, all rounds",
             [(f"sum by (run) (fedsd_server_node_failures_total{RUN})", "{{run}}")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Validation loss rising",
             "Consecutive rounds in which the validation loss rose (alert ValLossRising at 3)",
             [(f"max by (run) (fedsd_server_val_loss_rising_rounds{RUN})", "{{run}}")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
         _panel(
             "Loss per round",
@@ -255,37 +250,25 @@ def training_health() -> dict[str, Any]:
 def fleet() -> dict[str, Any]:
     """The ``fedsd-fleet`` dashboard."""
     panels = [
-        _panel(
+        _stat(
             "SuperLink up",
             "1: GET /health answered 200 at the SuperLink exporter's last probe",
             [("fedsd_superlink_up", "{{instance}}")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Nodes online",
             "Nodes the SuperLink lists as online",
             [('sum(fedsd_superlink_nodes{status="online"})', "online")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Runs running",
             "Runs the SuperLink lists as running",
             [('sum(fedsd_superlink_runs{status="running"})', "running")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
-        _panel(
+        _stat(
             "Runs failed",
             "Runs that finished as failed",
             [('sum(fedsd_superlink_runs{status="failed"})', "failed")],
-            kind="stat",
-            width=6,
-            height=5,
         ),
         _panel(
             "Nodes by status",

@@ -587,7 +587,6 @@ class LocalDeployment:
         self.services: dict[str, Service] = {}
         self.warm_apps = warm_apps
         # Prometheus: SuperLink exporter on metrics_port, ServerApp's on +1, node i's on +10+i
-        self.metrics_port = metrics_port
         self.metrics = MetricsPorts(metrics_port) if metrics_port is not None else None
         self.superlink_probe_interval = superlink_probe_interval
 

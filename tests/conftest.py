@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import build_images
+from tests.host import build_images
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.host import tool
+
 pytestmark = pytest.mark.containers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,14 +39,7 @@ APP_UID = 10001
 
 
 def _tool(name: str) -> str:
-    """A command from this venv or PATH; fail (never skip) naming how to get it."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` not found: the container tests need it; {SETUP_HINT}")
-    return found
+    return tool(name, f"the container tests need it; {SETUP_HINT}")
 
 
 def _compose_cmd(*files: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import k8s_sim
+from tests.host import tool
 from tests.k8s_sim import NetworkPolicies, Peer
 
 pytestmark = pytest.mark.k8s
@@ -34,13 +34,7 @@ UID = 10001
 
 
 def _tool(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"`{name}` not found: tests/test_k8s.py needs it (pip install -e '.[dev]')")
-    return found
+    return tool(name, "tests/test_k8s.py needs it (pip install -e '.[dev]')")
 
 
 def _kustomize(path: Path) -> str:
