@@ -736,12 +736,27 @@ class Federation:
             )
             assert got.endswith("True"), f"metrics of {pod.name}: {got}"
 
+    def _ours(self) -> list[str]:
+        return _sh([self.podman, "ps", "-aq", "--filter", f"label=fedsd-k8s-test={self.id}"],
+                   check=False).stdout.split()  # fmt: skip
+
+    def remove_containers(self) -> str:
+        """``podman rm -f`` every container of this run, again while any is left (one that
+        its restart policy is just restarting can survive a removal); what is left and
+        why, or "" when none is."""
+        why = ""
+        for _ in range(5):
+            ids = self._ours()
+            if not ids:
+                return ""
+            res = _sh([self.podman, "rm", "-f", "-t", "5", *ids], timeout=300, check=False)
+            why = res.stderr.strip()
+            time.sleep(2)
+        left = self._ours()
+        return f"{' '.join(left)} ({why})" if left else ""
+
     def cleanup(self) -> None:
-        if self.podman:
-            ids = _sh([self.podman, "ps", "-aq", "--filter", f"label=fedsd-k8s-test={self.id}"],
-                      check=False).stdout.split()  # fmt: skip
-            if ids:
-                _sh([self.podman, "rm", "-f", "-t", "5", *ids], timeout=300, check=False)
+        left_containers = self.remove_containers() if self.podman else ""
         if self.api_proc is not None:
             self.api_proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -752,10 +767,7 @@ class Federation:
             _sh(["ip", "netns", "del", ns], check=False)
         left = _sh(["ip", "netns", "list"], check=False).stdout
         assert self.prefix not in left, f"network namespaces left: {left}"
-        if self.podman:
-            left = _sh([self.podman, "ps", "-aq", "--filter", f"label=fedsd-k8s-test={self.id}"],
-                       check=False).stdout.strip()  # fmt: skip
-            assert left == "", f"containers left: {left}"
+        assert left_containers == "", f"containers left: {left_containers}"
 
 
 def run(objs: list[dict], ci_images: object, root: Path) -> None:
