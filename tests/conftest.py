@@ -75,6 +75,7 @@ class CiImages:
     images: dict[str, str]
     build_seconds: float
     build_output: str
+    base: str  # what they are built on (tests/k8s_federation.py adds Prometheus to it)
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +101,7 @@ def ci_images() -> CiImages:
         {svc: f"localhost/fedsd-{svc}:{tag}" for svc in services},
         time.monotonic() - t0,
         output,
+        base,
     )
 
 

@@ -1,8 +1,9 @@
 """Run what k8s/ says as a real federation on one CI machine, without Kubernetes.
 
-Every pod of the manifests (the certs Job, SuperLink, fleet proxy, ServerApp SuperExec, two
-SuperNodes, the launcher Job) becomes podman containers of the real images (docker/build.sh),
-each pod in its own network namespace, with what the kubelet would give it, taken from the
+Every pod of the manifests (the certs Job, SuperLink, fleet proxy, ServerApp SuperExec with
+the SuperLink exporter, two SuperNodes, the launcher Job, Prometheus; not Grafana, below)
+becomes podman containers of the real images (docker/build.sh), each pod in its own
+network namespace, with what the kubelet would give it, taken from the
 manifests: image, command/args, env (values with $(VAR) expansion, ConfigMap keys, the
 fieldRefs metadata.name/namespace/labels incl. the StatefulSet ordinal label), Secret and
 projected volumes (files, items, modes, group fsGroup), emptyDirs, PersistentVolumeClaims
@@ -16,17 +17,27 @@ Networking. Tests may send traffic to loopback addresses only, so the pods' addr
 in 127.1.0.0/16: each pod namespace has a veth into a bridge in a "node" namespace; in every
 namespace lo keeps only 127.0.0.1/32 (so the rest of 127/8 is not local) and
 route_localnet=1 lets 127.x addresses travel over the veths. Nothing is added to the host's
-own network namespace. Service names resolve (hosts entries) to the address of the pod the
-Service selects; Service ports must equal their target ports (checked). The NetworkPolicies
-are enforced: tests/k8s_sim.py's evaluator turns them into iptables rules in each pod's
-namespace (ingress in INPUT, egress in OUTPUT; the node, where kubelet probes come from, is
-allowed in, as with common CNIs), so a flow the federation needs but the policies deny fails
-the run. Probes: exec probes run in the container (podman exec), tcpSocket probes connect
-from the node namespace to the pod address.
+own network namespace. Service names resolve to the address of the pod the Service
+selects, through hosts entries and a cluster DNS stand-in (tests/k8s_sim.py: A records,
+and the SRV records of headless Services that Prometheus' discovery reads) behind the
+search path and ndots of a pod's resolv.conf; Service ports must equal their target ports
+(checked). The NetworkPolicies are enforced: tests/k8s_sim.py's evaluator turns them into
+iptables rules in each pod's namespace (ingress in INPUT, egress in OUTPUT; the node, where
+kubelet probes come from, is allowed in, as with common CNIs), so a flow the federation
+needs but the policies deny fails the run. Probes: exec probes run in the container
+(podman exec), tcpSocket and httpGet probes connect from the node namespace to the pod.
+
+Prometheus: the image prom/prometheus cannot be pulled offline, so its pod runs the same
+program, Debian's build (2.42, docker/ci-observability.sh), in the CI base image with the
+official image's entrypoint; everything else (args, the generated ConfigMap, the claim,
+user, probes) is the manifests'. After the run it must scrape every exporter (the
+SuperLink exporter, the ServerApp, each SuperNode found by DNS SRV, named by pod) through
+the NetworkPolicies. Grafana is not run: there is no Grafana image or binary offline;
+tests/test_k8s.py checks its provisioning against the Prometheus Service statically.
 
 Deviations, all for a CPU-only 2-core machine: the ConfigMap's run settings are overridden
 (2 rounds, resolution 64, the tiny model at /models/tiny-sd), OMP_NUM_THREADS=1 is added to
-every container, the GPU limit and CPU/memory limits are not applied, DNS is a hosts file,
+every container, the GPU limit and CPU/memory limits are not applied, DNS is UDP only,
 and the SuperNodes start after the launcher's register init container has finished (on a
 cluster they may start earlier, be refused with 401, exit and be restarted by the kubelet
 with back-off; here that would only burn CPU).
@@ -54,7 +65,13 @@ from tests.k8s_sim import NetworkPolicies, Peer, Pod
 REPO = k8s_sim.REPO
 NODE_IP = "127.1.0.254"  # the node: bridge address, where kubelet probes come from
 API_IP = "127.1.0.250"  # the Kubernetes API (stand-in), outside every pod
-PROM_IP = "127.1.0.240"  # a Prometheus pod in namespace "monitoring"
+DNS_IP = "127.1.0.249"  # cluster DNS (stand-in), namespace kube-system
+PROM_IP = "127.1.0.240"  # the cluster's own Prometheus, in namespace "monitoring"
+SEARCH = ("fedsd.svc.cluster.local", "svc.cluster.local", "cluster.local")
+NOT_RUN = {  # workloads whose pods get an address and policies, but no containers
+    "grafana": "no Grafana image or binary on an offline machine",
+}
+PROMETHEUS_IMAGE = "localhost/fedsd-ci-prometheus:debian"
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 CONFIG_OVERRIDES = {
     "FEDSD_ROUNDS": "2",
@@ -66,7 +83,7 @@ EXTRA_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def addresses(pods: int) -> list[str]:
-    return [f"127.1.0.{i + 1}" for i in range(pods)] + [NODE_IP, API_IP, PROM_IP]
+    return [f"127.1.0.{i + 1}" for i in range(pods)] + [NODE_IP, API_IP, DNS_IP, PROM_IP]
 
 
 def _sh(cmd: list[str], *, timeout: float = 120, check: bool = True, input: str | None = None):
@@ -94,9 +111,10 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 class Federation:
-    def __init__(self, objs: list[dict], images: dict[str, str], root: Path) -> None:
+    def __init__(self, objs: list[dict], images: dict[str, str], base: str, root: Path) -> None:
         self.objs = objs
         self.images = images
+        self.ci_base = base
         self.root = root
         self.id = f"{os.getpid() % 100000:05d}{secrets.token_hex(1)}"
         self.prefix = f"fk{self.id}"
@@ -113,6 +131,8 @@ class Federation:
         self.token = secrets.token_hex(16)
         self.netns: list[str] = []
         self.api_proc: subprocess.Popen | None = None
+        self.dns_proc: subprocess.Popen | None = None
+        self.prometheus_built = False
         self.containers: list[str] = []
         self.timings: dict[str, float] = {}
 
@@ -158,12 +178,14 @@ class Federation:
         self._attach(self.api_ns, len(self.pods), API_IP)
         self.prom_ns = self._make_ns("prom")
         self._attach(self.prom_ns, len(self.pods) + 1, PROM_IP)
+        self.dns_ns = self._make_ns("dns")
+        self._attach(self.dns_ns, len(self.pods) + 2, DNS_IP)
         self.enforce_network_policies()
 
     def enforce_network_policies(self) -> None:
         ns_labels = {
-            "fedsd": {"kubernetes.io/metadata.name": "fedsd"},
-            "monitoring": {"kubernetes.io/metadata.name": "monitoring"},
+            name: {"kubernetes.io/metadata.name": name}
+            for name in ("fedsd", "monitoring", "kube-system")
         }
         policies = NetworkPolicies(self.objs, ns_labels)
         peers = [Peer.of(p) for p in self.pods]
@@ -173,6 +195,10 @@ class Federation:
             )
         )
         peers.append(Peer("apiserver", None, (), (("https", 443, "TCP"),), API_IP))
+        peers.append(
+            Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),),
+                 (("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")), DNS_IP)
+        )  # fmt: skip
         for me in peers[: len(self.pods)]:
             lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
                      ":OUTPUT ACCEPT [0:0]"]  # fmt: skip
@@ -276,6 +302,24 @@ class Federation:
         while not self.api_state.exists():
             if self.api_proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("fake API server did not start: " + (api / "log.txt").read_text())
+            time.sleep(0.2)
+
+    def start_dns(self) -> None:
+        """Cluster DNS (A and SRV records of the manifests' Services) at DNS_IP:53/udp."""
+        records = k8s_sim.cluster_dns_records(self.objs, self.pods)
+        path = self.root / "dns-records.json"
+        path.write_text(json.dumps(records, indent=1))
+        log = (self.root / "dns-log.txt").open("wb")
+        self.dns_proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.dns_ns, sys.executable, str(Path(k8s_sim.__file__)),
+             "dns", "--host", DNS_IP, "--records", str(path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        logged = self.root / "dns-log.txt"
+        while "cluster DNS on" not in logged.read_text():
+            if self.dns_proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("DNS stand-in did not start: " + logged.read_text())
             time.sleep(0.2)
 
     def load_secrets(self) -> None:
@@ -462,11 +506,32 @@ class Federation:
         return simple[path]
 
     def image(self, ref: str) -> str:
+        if ref.split(":")[0] == "prom/prometheus":
+            return self.prometheus_image()
         name = ref.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
         service = name.removeprefix("fedsd-")
         if service not in self.images:
             pytest.fail(f"image {ref}: not one of the fedsd images {sorted(self.images)}")
         return self.images[service]
+
+    def prometheus_image(self) -> str:
+        """The official image's layout (entrypoint /bin/prometheus, workdir /prometheus,
+        user nobody) around Debian's build, on the CI base image."""
+        if self.prometheus_built:
+            return PROMETHEUS_IMAGE
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("`prometheus` not found; install it with bash docker/ci-observability.sh")
+        ctx = self.root / "prometheus-image"
+        ctx.mkdir()
+        shutil.copy2(binary, ctx / "prometheus")
+        (ctx / "Containerfile").write_text(
+            f"FROM {self.ci_base}\nCOPY prometheus /bin/prometheus\nUSER 65534:65534\n"
+            'WORKDIR /prometheus\nENTRYPOINT ["/bin/prometheus"]\n'
+        )
+        _sh([self.podman, "build", "-q", "-t", PROMETHEUS_IMAGE, str(ctx)], timeout=600)
+        self.prometheus_built = True
+        return PROMETHEUS_IMAGE
 
     def start(self, pod: Pod, ctr: dict, restart: str) -> str:
         name = f"{self.prefix}-{pod.name}-{ctr['name']}"
@@ -496,6 +561,8 @@ class Federation:
             args += ["--security-opt", "seccomp=unconfined"]
         for host, ip in sorted(self.hosts_map.items()):
             args += ["--add-host", f"{host}:{ip}"]
+        args += ["--dns", DNS_IP, "--dns-option", "ndots:5"]  # the kubelet's ClusterFirst
+        args += [a for domain in SEARCH for a in ("--dns-search", domain)]
         for k, v in env.items():
             args += ["-e", f"{k}={v}"]
         args += self.volume_args(pod, ctr)
@@ -627,6 +694,8 @@ class Federation:
         self.setup_network()
         self.hosts_map = self.hosts()
         self.start_api()
+        self.start_dns()
+        self.prometheus_image()  # before the federation loads the machine
         self.timings["setup"] = time.monotonic() - t0
 
         pods = {p.owner["metadata"]["name"]: p for p in self.pods}
@@ -637,7 +706,12 @@ class Federation:
         self.timings["certs"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        services = [p for p in self.pods if p.owner["kind"] in ("StatefulSet", "Deployment")]
+        services = [
+            p for p in self.pods
+            if p.owner["kind"] in ("StatefulSet", "Deployment")
+            and p.owner["metadata"]["name"] not in NOT_RUN
+        ]  # fmt: skip
+        print("not run:", json.dumps(NOT_RUN))
         nodes = [p for p in services if p.owner["metadata"]["name"] == "supernode"]
         for pod in services:
             if pod not in nodes:
@@ -676,6 +750,9 @@ class Federation:
         rounds = history["rounds"] if isinstance(history, dict) else history
         assert len(rounds) == 2
         self.check_isolation(nodes)
+        t0 = time.monotonic()
+        self.check_prometheus(pods["prometheus"], time.monotonic() + 180)
+        self.timings["prometheus"] = time.monotonic() - t0
         restarts = {
             c: _sh(
                 [self.podman, "inspect", "-f", "{{.RestartCount}}", c], check=False
@@ -726,15 +803,63 @@ class Federation:
             "except OSError as e:\n    print('blocked')\n",
         )
         assert reach == "blocked", f"SuperNode Runtime API reachable from another node: {reach}"
-        # Prometheus (namespace monitoring) scrapes the metrics ports.
-        for pod in [*nodes, *(p for p in self.pods if p.owner["metadata"]["name"] == "serverapp")]:
+        # The cluster's Prometheus (namespace monitoring) scrapes the metrics ports.
+        serverapp = [p for p in self.pods if p.owner["metadata"]["name"] == "serverapp"]
+        ports = [(n, 9400) for n in nodes] + [(p, q) for p in serverapp for q in (9400, 9401)]
+        for pod, port in ports:
             got = self.netns_py(
                 self.prom_ns,
                 "import urllib.request\n"
-                f"body = urllib.request.urlopen('http://{pod.ip}:9400/metrics', timeout=5).read()\n"
+                f"url = 'http://{pod.ip}:{port}/metrics'\n"
+                "body = urllib.request.urlopen(url, timeout=5).read()\n"
                 "print(len(body), b'fedsd_' in body)",
             )
-            assert got.endswith("True"), f"metrics of {pod.name}: {got}"
+            assert got.endswith("True"), f"metrics of {pod.name}:{port}: {got}"
+
+    def check_prometheus(self, pod: Pod, deadline: float) -> None:
+        """The manifests' Prometheus scrapes every exporter, each under the instance name
+        the dashboards and alerts use (SuperNodes found by SRV, named by pod), and reads
+        the SuperLink's view of the federation from its exporter."""
+        nodes = k8s_sim.find(self.objs, "StatefulSet", "supernode")["spec"]["replicas"]
+        want = {("superlink", "superlink"), ("serverapp", "serverapp")}
+        want |= {("supernode", f"supernode-{i}") for i in range(nodes)}
+
+        def query(expr: str) -> list[dict]:
+            out = self.netns_py(
+                self.hub,
+                "import json, urllib.parse, urllib.request\n"
+                f"url = 'http://{pod.ip}:9090/api/v1/query?query=' + "
+                f"urllib.parse.quote({expr!r})\n"
+                "reply = json.load(urllib.request.urlopen(url, timeout=10))\n"
+                "print(json.dumps(reply['data']['result']))",
+            )
+            try:
+                return json.loads(out.splitlines()[-1])
+            except (json.JSONDecodeError, IndexError):
+                return [{"error": out[-500:]}]
+
+        got: object = None
+        online: object = None
+        while time.monotonic() < deadline:
+            up = query("up")
+            got = {(r["metric"].get("job"), r["metric"].get("instance")): r["value"][1]
+                   for r in up if "metric" in r} or up  # fmt: skip
+            online = query('sum(fedsd_superlink_node_online{instance="superlink"})')
+            if (
+                isinstance(got, dict)
+                and set(got) == want
+                and set(got.values()) == {"1"}
+                and [r.get("value", [0, None])[1] for r in online] == [str(nodes)]
+            ):
+                break
+            time.sleep(5)
+        else:
+            cname = f"{self.prefix}-{pod.name}-{pod.spec['containers'][0]['name']}"
+            pytest.fail(
+                f"Prometheus up: {got}, want {sorted(want)} at 1; nodes online: {online}\n"
+                f"{self.logs(cname, 40)}"
+            )
+        print("prometheus up:", json.dumps(sorted(f"{j}/{i}" for j, i in want)))
 
     def _ours(self) -> list[str]:
         return _sh([self.podman, "ps", "-aq", "--filter", f"label=fedsd-k8s-test={self.id}"],
@@ -757,12 +882,14 @@ class Federation:
 
     def cleanup(self) -> None:
         left_containers = self.remove_containers() if self.podman else ""
-        if self.api_proc is not None:
-            self.api_proc.terminate()
+        for proc in (self.api_proc, self.dns_proc):
+            if proc is None:
+                continue
+            proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.api_proc.wait(timeout=10)
-            if self.api_proc.poll() is None:
-                self.api_proc.kill()
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
         for ns in reversed(self.netns):
             _sh(["ip", "netns", "del", ns], check=False)
         left = _sh(["ip", "netns", "list"], check=False).stdout
@@ -776,7 +903,7 @@ def run(objs: list[dict], ci_images: object, root: Path) -> None:
     for tool in ("ip", "iptables-restore", "podman"):
         if shutil.which(tool) is None:
             pytest.fail(f"`{tool}` not found; set the machine up with bash docker/ci-setup.sh")
-    fed = Federation(objs, ci_images.images, root)
+    fed = Federation(objs, ci_images.images, ci_images.base, root)
     try:
         fed.go()
     finally:

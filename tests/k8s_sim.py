@@ -8,6 +8,9 @@
   bearer token, authorized by the Role in the manifests (RBAC rules, resourceNames).
   ``python tests/k8s_sim.py apiserver ...`` runs it as a process (inside a network
   namespace in the federation test).
+* ``cluster_dns_records`` / ``DnsServer``: the A and SRV records cluster DNS publishes for
+  the manifests' Services (headless ones: a record per pod, SRV per named port), served
+  over UDP (``python tests/k8s_sim.py dns ...``): what Prometheus' DNS discovery reads.
 
 Standard library, PyYAML and cryptography only: the file also runs as a script.
 """
@@ -21,7 +24,10 @@ import datetime as dt
 import ipaddress
 import json
 import re
+import socket
+import socketserver
 import ssl
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -450,9 +456,140 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("patch")
 
 
+# --------------------------------------------------------------------------- cluster DNS
+
+DNS_A, DNS_SRV, DNS_AAAA = 1, 33, 28
+
+
+def cluster_dns_records(
+    objs: list[dict], pods: list[Pod], domain: str = "cluster.local"
+) -> dict[str, list]:
+    """Fully qualified name -> records, as cluster DNS publishes them for Services: A
+    ``<svc>.<ns>.svc.<domain>`` (the ClusterIP; here the first selected pod's address),
+    for headless Services an A record per pod (and ``<hostname>.<svc>...`` for pods of
+    the StatefulSet that names the Service), and SRV ``_<port>._<proto>.<svc>...`` for
+    each named port: ``[priority, weight, port, target]`` lists. Ready or not: every pod
+    runs here, which is what publishNotReadyAddresses gives."""
+    records: dict[str, list] = {}
+    for svc in objs:
+        if svc["kind"] != "Service":
+            continue
+        ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
+        fqdn = f"{name}.{ns}.svc.{domain}"
+        backends = [
+            p for p in pods
+            if p.namespace == ns
+            and selector_matches({"matchLabels": svc["spec"]["selector"]}, p.labels)
+        ]  # fmt: skip
+        headless = svc["spec"].get("clusterIP") == "None"
+        for sp in svc["spec"]["ports"]:
+            if "name" not in sp:
+                continue
+            srv = f"_{sp['name']}._{sp.get('protocol', 'TCP').lower()}.{fqdn}"
+            for pod in backends if headless else backends[:1]:
+                target, port = fqdn, sp["port"]
+                if headless:
+                    port = _target_port(pod, sp.get("targetPort", sp["port"]))
+                    sts = pod.owner if pod.owner["kind"] == "StatefulSet" else None
+                    if sts is not None and sts["spec"].get("serviceName") == name:
+                        target = f"{pod.name}.{fqdn}"
+                        records.setdefault(target, []).append(pod.ip)
+                records.setdefault(srv, []).append([0, 100, port, target])
+        for pod in backends if headless else backends[:1]:
+            records.setdefault(fqdn, []).append(pod.ip)
+    return records
+
+
+def service_endpoints(objs: list[dict], pods: list[Pod], name: str, port: int) -> list[tuple]:
+    """(pod, container port) behind port ``port`` of Service ``name``: [] when the Service
+    has no such port, selects no pod, or its targetPort names no container port."""
+    (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == name]
+    selector = {"matchLabels": svc["spec"]["selector"]}
+    out = []
+    for sp in svc["spec"]["ports"]:
+        if sp["port"] != port:
+            continue
+        for pod in pods:
+            if pod.namespace == svc["metadata"]["namespace"] and selector_matches(
+                selector, pod.labels
+            ):
+                try:
+                    out.append((pod, _target_port(pod, sp.get("targetPort", sp["port"]))))
+                except ValueError:
+                    pass
+    return out
+
+
+def _target_port(pod: Pod, target: int | str) -> int:
+    if isinstance(target, int):
+        return target
+    named = [p["containerPort"] for p in pod.container_ports() if p.get("name") == target]
+    if not named:
+        raise ValueError(f"{pod.name}: no container port named {target}")
+    return named[0]
+
+
+def _dns_name(labels: str) -> bytes:
+    out = b""
+    for label in labels.strip(".").split("."):
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\0"
+
+
+def dns_answer(query: bytes, records: dict[str, list]) -> bytes:
+    """The reply to one DNS query (A, AAAA, SRV; authoritative, no recursion): NXDOMAIN
+    for an unknown name, an empty answer for a known name without records of that type."""
+    qid, flags, qdcount = struct.unpack("!HHH", query[:6])
+    pos, labels = 12, []
+    while query[pos]:
+        labels.append(query[pos + 1 : pos + 1 + query[pos]].decode().lower())
+        pos += 1 + query[pos]
+    qtype, _qclass = struct.unpack("!HH", query[pos + 1 : pos + 5])
+    question = query[12 : pos + 5]
+    name = ".".join(labels)
+    found = records.get(name)
+    answers = []
+    for rec in found or []:
+        if qtype == DNS_A and isinstance(rec, str):
+            rtype, rdata = DNS_A, socket.inet_aton(rec)
+        elif qtype == DNS_SRV and isinstance(rec, list):
+            rtype, rdata = DNS_SRV, struct.pack("!HHH", *rec[:3]) + _dns_name(rec[3])
+        else:
+            continue
+        answers.append(struct.pack("!HHHIH", 0xC00C, rtype, 1, 5, len(rdata)) + rdata)
+    rcode = 3 if found is None else 0
+    reply_flags = 0x8000 | 0x0400 | (flags & 0x0100) | rcode  # QR, AA, RD copied
+    header = struct.pack("!HHHHHH", qid, reply_flags, 1 if qdcount else 0, len(answers), 0, 0)
+    return header + question + b"".join(answers)
+
+
+class DnsServer(socketserver.ThreadingUDPServer):
+    """Cluster DNS for the federation test: ``records`` from :func:`cluster_dns_records`."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], records: dict[str, list]) -> None:
+        self.records = records
+        super().__init__(address, _DnsHandler)
+
+
+class _DnsHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        try:
+            reply = dns_answer(data, self.server.records)  # type: ignore[attr-defined]
+        except (IndexError, struct.error, UnicodeDecodeError):
+            return  # not a query we understand: no answer, the client retries elsewhere
+        sock.sendto(reply, self.client_address)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="fake Kubernetes API server (Secrets only)")
+    parser = argparse.ArgumentParser(description="stand-ins for the Kubernetes API and DNS")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dns", help="cluster DNS over UDP")
+    d.add_argument("--host", required=True)
+    d.add_argument("--port", type=int, default=53)
+    d.add_argument("--records", required=True, help="JSON file: cluster_dns_records()")
     p = sub.add_parser("apiserver")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, default=443)
@@ -463,6 +600,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--key", required=True)
     p.add_argument("--state", required=True, help="JSON file rewritten after every request")
     args = parser.parse_args(argv)
+    if args.cmd == "dns":
+        dns_server = DnsServer((args.host, args.port), json.loads(Path(args.records).read_text()))
+        print(f"cluster DNS on {args.host}:{args.port}", flush=True)
+        dns_server.serve_forever()
+        return 0
     server = FakeApiServer(
         (args.host, args.port),
         Path(args.token_file).read_text().strip(),

@@ -29,8 +29,25 @@ REPO = k8s_sim.REPO
 K8S = k8s_sim.K8S_DIR
 OVERLAY = REPO / "deploy" / "kustomize" / "example"
 NAMESPACE = "fedsd"
-COMPONENTS = ("certs", "superlink", "fleet-proxy", "serverapp", "supernode", "launcher")
-UID = 10001
+COMPONENTS = (
+    "certs",
+    "superlink",
+    "fleet-proxy",
+    "serverapp",
+    "supernode",
+    "launcher",
+    "monitoring",
+    "dashboards",
+)
+UID = 10001  # the fedsd images' user; the official monitoring images keep their own
+MONITORING_UIDS = {"prom/prometheus": 65534, "grafana/grafana": 472}
+
+
+def _expected_uid(template: dict) -> int:
+    images = {c["image"].rsplit(":", 1)[0] for c in template["spec"]["containers"]}
+    uids = {MONITORING_UIDS.get(i, UID) for i in images}
+    assert len(uids) == 1, f"one pod, one user: {images}"
+    return uids.pop()
 
 
 def _tool(name: str) -> str:
@@ -138,9 +155,19 @@ def test_overlay_sets_the_knobs():
         for _, t in k8s_sim.pod_templates(docs)
         for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]
     }
-    assert all(i.startswith("registry.example.org/fedsd/") and i.endswith(":0.1.0") for i in images)
+    ours = {i for i in images if i.rsplit(":", 1)[0] not in MONITORING_UIDS}
+    assert len(ours) == 4
+    assert all(i.startswith("registry.example.org/fedsd/") and i.endswith(":0.1.0") for i in ours)
     classes = {t["spec"]["storageClassName"] for t in nodes["spec"]["volumeClaimTemplates"]}
     assert classes == {"local-nvme"}
+    claims = {
+        o["metadata"]["name"]: o["spec"] for o in docs if o["kind"] == "PersistentVolumeClaim"
+    }
+    assert {n: c.get("storageClassName") for n, c in claims.items()} == {
+        "fedsd-models": "nfs-client",
+        "fedsd-out": "standard",
+        "fedsd-prometheus": "standard",
+    }
     spread = nodes["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert [s["whenUnsatisfiable"] for s in spread] == ["DoNotSchedule"]
 
@@ -170,6 +197,7 @@ def _restricted_violations(workload: dict, template: dict) -> list[str]:
     where = f"{workload['kind']}/{workload['metadata']['name']}"
     spec = template["spec"]
     psc = spec.get("securityContext", {})
+    uid = _expected_uid(template)
     out = []
 
     def bad(path: str, what: str) -> None:
@@ -180,8 +208,8 @@ def _restricted_violations(workload: dict, template: dict) -> list[str]:
             bad(f"spec.{flag}", "must not be true")
     if psc.get("runAsNonRoot") is not True:
         bad("spec.securityContext.runAsNonRoot", "must be true")
-    if psc.get("runAsUser") != UID:
-        bad("spec.securityContext.runAsUser", f"must be {UID}")
+    if psc.get("runAsUser") != uid:
+        bad("spec.securityContext.runAsUser", f"must be {uid}")
     if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
         bad("spec.securityContext.seccompProfile.type", "must be RuntimeDefault")
     for vol in spec.get("volumes", []):
@@ -216,8 +244,8 @@ def _restricted_violations(workload: dict, template: dict) -> list[str]:
             bad(f"{path}.securityContext.capabilities.add", "may hold NET_BIND_SERVICE only")
         if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
             bad(f"{path}.securityContext.runAsNonRoot", "must be true")
-        if sc.get("runAsUser", psc.get("runAsUser")) != UID:
-            bad(f"{path}.securityContext.runAsUser", f"must be {UID}")
+        if sc.get("runAsUser", psc.get("runAsUser")) != uid:
+            bad(f"{path}.securityContext.runAsUser", f"must be {uid}")
         seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
         if seccomp not in ("RuntimeDefault", "Localhost"):
             bad(f"{path}.securityContext.seccompProfile.type", "must be RuntimeDefault")
@@ -285,16 +313,143 @@ def test_supernodes_gpu_ordinal_spread_and_own_volumes(objs):
     assert sts["spec"]["replicas"] == int(k8s_sim.find(objs, "ConfigMap", "fedsd")["data"][
         "FEDSD_NUM_NODES"
     ])  # fmt: skip
-    for _, template in k8s_sim.pod_templates(objs):
-        for c in template["spec"]["containers"]:
-            if c["image"].split(":")[0] in ("fedsd-supernode", "fedsd-serverapp") and (
-                template["metadata"]["labels"]["app.kubernetes.io/component"]
-                in ("supernode", "serverapp")
-            ):
-                ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-                assert ports["metrics"] == 9400
-                ann = template["metadata"]["annotations"]
-                assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9400"
+    # Metrics ports as in compose: SuperNodes 9400 (a pod each), the ServerApp pod 9401
+    # and its SuperLink exporter 9400 (tests/k8s_federation.py scrapes them all).
+    assert _metrics_ports(sts["spec"]["template"]) == {"supernode": {"metrics": 9400}}
+    serverapp = k8s_sim.find(objs, "Deployment", "serverapp")["spec"]["template"]
+    assert _metrics_ports(serverapp) == {
+        "serverapp": {"metrics": 9401},
+        "superlink-exporter": {"link-metrics": 9400},
+    }
+    (exporter,) = [c for c in serverapp["spec"]["containers"] if c["name"] == "superlink-exporter"]
+    assert exporter["args"] == ["superlink-exporter"]
+    env = {e["name"]: e.get("value") for e in exporter["env"]}
+    assert env["SUPERLINK_ADDRESS"] == "superlink:9092" and env["FEDSD_METRICS_PORT"] == "9400"
+    for template in (sts["spec"]["template"], serverapp):
+        ann = template["metadata"]["annotations"]
+        ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]}
+        assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) in ports
+
+
+def _metrics_ports(template: dict) -> dict[str, dict[str, int]]:
+    return {
+        c["name"]: {p["name"]: p["containerPort"] for p in c["ports"] if "metrics" in p["name"]}
+        for c in template["spec"]["containers"]
+        if any("metrics" in p["name"] for p in c.get("ports", []))
+    }
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def test_monitoring_is_generated_and_wired_to_the_services(objs, tmp_path):
+    """Prometheus and Grafana as the manifests mount them: the ConfigMaps are the generated
+    ones, promtool accepts the configuration at the paths the args name, every scrape
+    target is a Service port with a pod behind it, SRV discovery names a headless Service
+    of the StatefulSet, and Grafana's provisioning points at the Prometheus Service."""
+    import yaml
+
+    from fedsd import observability
+
+    maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
+    for name, files in observability.k8s_configmaps().items():
+        assert maps[name] == files, f"{name} is stale: python -m fedsd.observability --write"
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    prom = k8s_sim.find(objs, "Deployment", "prometheus")["spec"]["template"]["spec"]
+    graf = k8s_sim.find(objs, "Deployment", "grafana")["spec"]["template"]["spec"]
+    assert prom["containers"][0]["image"] == compose["prometheus"]["image"]
+    assert graf["containers"][0]["image"] == compose["grafana"]["image"]
+
+    def mounted(spec: dict, path: str) -> tuple[dict, str]:
+        """The volume holding ``path`` in the first container, and the path inside it."""
+        for m in spec["containers"][0]["volumeMounts"]:
+            if path == m["mountPath"] or path.startswith(m["mountPath"] + "/"):
+                vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
+                return vol, path[len(m["mountPath"]) :].lstrip("/")
+        raise AssertionError(f"{path} is on no volume")
+
+    args = dict(a.split("=", 1) for a in prom["containers"][0]["args"])
+    vol, key = mounted(prom, args["--config.file"])
+    files = maps[vol["configMap"]["name"]]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    promtool = tool("promtool", "install it with: bash docker/ci-observability.sh (as root)")
+    res = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / key)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr  # with the rule files it names
+    assert mounted(prom, args["--storage.tsdb.path"])[0]["persistentVolumeClaim"]
+
+    pods = k8s_sim.expand_pods(objs)
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    config = yaml.safe_load(files[key])
+    assert [j["job_name"] for j in config["scrape_configs"]] == list(observability.JOBS)
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                assert host in services, f"{job['job_name']}: no Service {host}"
+                ends = k8s_sim.service_endpoints(objs, pods, host, int(port))
+                assert ends, f"{job['job_name']}: {target} reaches no container port"
+        for sd in job.get("dns_sd_configs", []):
+            for name in sd["names"]:
+                port_name, svc_name = re.fullmatch(
+                    r"_([a-z0-9-]+)\._tcp\.([a-z0-9-]+)", name
+                ).groups()
+                svc = services[svc_name]["spec"]
+                assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+                assert port_name in [p["name"] for p in svc["ports"]]
+                sts = k8s_sim.find(objs, "StatefulSet", svc_name)
+                assert sts["spec"]["serviceName"] == svc_name  # pods get SRV targets by name
+
+    env = {e["name"]: e["value"] for e in graf["containers"][0]["env"]}
+    provisioning = mounted(graf, env["GF_PATHS_PROVISIONING"])[0]["configMap"]
+    layout = {i["path"]: maps[provisioning["name"]][i["key"]] for i in provisioning["items"]}
+    datasource = yaml.safe_load(layout["datasources/prometheus.yaml"])["datasources"][0]
+    url = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", datasource["url"])
+    ends = k8s_sim.service_endpoints(objs, pods, url.group(1), int(url.group(2)))
+    assert [p.labels["app.kubernetes.io/name"] for p, _ in ends] == ["prometheus"]
+    boards = yaml.safe_load(layout["dashboards/fedsd.yaml"])["providers"][0]["options"]["path"]
+    vol, inside = mounted(graf, env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert mounted(graf, boards)[0] is vol and inside in maps[vol["configMap"]["name"]]
+    assert env["GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION"] == "true"  # no default password
+
+
+def test_cluster_dns_stand_in_answers_like_cluster_dns(objs):
+    """What Prometheus' SRV discovery gets in tests/k8s_federation.py: one SRV record per
+    SuperNode pod with its own name; NXDOMAIN for names that do not exist."""
+    import struct
+
+    pods = k8s_sim.expand_pods(objs)
+    for i, pod in enumerate(pods):
+        pod.ip = f"127.1.0.{i + 1}"
+    records = k8s_sim.cluster_dns_records(objs, pods)
+
+    def ask(name: str, qtype: int) -> tuple[int, list[bytes]]:
+        query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+        query += k8s_sim._dns_name(name) + struct.pack("!HH", qtype, 1)
+        reply = k8s_sim.dns_answer(query, records)
+        qid, flags, _, count = struct.unpack("!HHHH", reply[:8])
+        assert qid == 7 and flags & 0x8000
+        pos, answers = len(query), []
+        for _ in range(count):
+            (length,) = struct.unpack("!H", reply[pos + 10 : pos + 12])
+            answers.append(reply[pos + 12 : pos + 12 + length])
+            pos += 12 + length
+        return flags & 0xF, answers
+
+    rcode, srv = ask("_metrics._tcp.supernode.fedsd.svc.cluster.local", k8s_sim.DNS_SRV)
+    assert rcode == 0
+    assert sorted((struct.unpack("!H", a[4:6])[0], a[6:]) for a in srv) == [
+        (9400, k8s_sim._dns_name(f"supernode-{i}.supernode.fedsd.svc.cluster.local"))
+        for i in range(2)
+    ]
+    node0 = next(p for p in pods if p.name == "supernode-0")
+    rcode, a = ask("SuperNode-0.supernode.fedsd.svc.cluster.local", k8s_sim.DNS_A)
+    assert (rcode, a) == (0, [bytes(map(int, node0.ip.split(".")))])
+    assert ask("supernode-0.supernode.fedsd.svc.cluster.local", k8s_sim.DNS_AAAA) == (0, [])
+    assert ask("_metrics._tcp.supernode.svc.cluster.local", k8s_sim.DNS_SRV) == (3, [])
+    assert ask("superlink-0.superlink.fedsd.svc.cluster.local", k8s_sim.DNS_A)[0] == 3
 
 
 # --------------------------------------------------------------------------- NetworkPolicies
@@ -363,8 +518,13 @@ def test_network_policies_allow_exactly_the_intended_flows(objs):
         intended |= {(src, dst, 9092, "TCP") for dst in each("fleet-proxy")}
     for comp in ("fleet-proxy", "serverapp", "launcher"):
         intended |= {(s, d, 9092, "TCP") for s in each(comp) for d in each("superlink")}
-    for comp in ("supernode", "serverapp"):
-        intended |= {("prometheus", d, 9400, "TCP") for d in each(comp)}
+    # Metrics: the cluster's Prometheus (namespace monitoring) and ours scrape the nodes
+    # (9400) and the ServerApp pod (SuperLink exporter 9400, ServerApp 9401); Grafana
+    # reads our Prometheus; nothing reaches Grafana (kubectl port-forward only).
+    for scraper in ("prometheus", *each("monitoring")):
+        intended |= {(scraper, d, 9400, "TCP") for d in each("supernode")}
+        intended |= {(scraper, d, p, "TCP") for d in each("serverapp") for p in (9400, 9401)}
+    intended |= {(s, d, 9090, "TCP") for s in each("dashboards") for d in each("monitoring")}
     for s in each("certs"):  # the API server; no `to`: also anything else on 443
         intended |= {(s, "apiserver", 443, "TCP"), (s, "apiserver", 6443, "TCP")}
         intended |= {(s, "internet", 443, "TCP")}
@@ -381,6 +541,9 @@ def test_network_policies_allow_exactly_the_intended_flows(objs):
         for d in each("supernode"):
             assert (s, d, 9094, "TCP") not in allowed  # node Runtime APIs on 0.0.0.0: closed
     assert not [f for f in allowed if f[0] == "other-ns" or f[1] == "stranger"]
+    for d in each("superlink"):  # the exporter asks the Control API from the ServerApp pod
+        assert not [f for f in allowed if f[1] == d and f[0] in each("monitoring")]
+    assert not [f for f in allowed if f[1] in each("dashboards")]
 
 
 def test_network_policy_evaluator_semantics():

@@ -83,10 +83,13 @@ def test_fedsd_up_serves_metrics_by_default_and_refuses_busy_ports(tmp_path):
     LocalDeployment(tmp_path, nodes=2, stream=lambda _: None).check_metrics_ports()  # off
 
 
-def test_prometheus_config_is_generated_and_valid():
+def test_prometheus_config_is_generated_and_valid(capsys):
     assert (PROM_DIR / "prometheus.yml").read_text() == observability.compose_config(), (
         "docker/prometheus/prometheus.yml is stale: python -m fedsd.observability --write"
     )
+    # Both generated files (compose, and the ConfigMaps of k8s/) are current.
+    assert observability.main(["--check"]) == 0, capsys.readouterr().out
+    assert observability.K8S_CONFIG.read_text() == observability.k8s_config()
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j["static_configs"] for j in cfg["scrape_configs"]}
     assert set(jobs) == set(observability.JOBS)
