@@ -55,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,6 @@ class Federation:
         self.netns: list[str] = []
         self.api_proc: subprocess.Popen | None = None
         self.dns_proc: subprocess.Popen | None = None
-        self.prometheus_built = False
         self.containers: list[str] = []
         self.timings: dict[str, float] = {}
 
@@ -249,23 +249,13 @@ class Federation:
             if svc["kind"] != "Service":
                 continue
             ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
-            selector = {"matchLabels": svc["spec"]["selector"]}
-            backends = [
-                p
-                for p in self.pods
-                if p.namespace == ns and k8s_sim.selector_matches(selector, p.labels)
-            ]
+            backends = k8s_sim.service_backends(svc, self.pods)
             assert backends, f"Service {name} selects no pod"
             for sp in svc["spec"]["ports"]:
-                target = sp.get("targetPort", sp["port"])
-                if isinstance(target, str):
-                    named = [
-                        p["containerPort"]
-                        for p in backends[0].container_ports()
-                        if p.get("name") == target
-                    ]
-                    assert named, f"Service {name}: no container port named {target}"
-                    target = named[0]
+                try:
+                    target = k8s_sim.target_port(backends[0], sp.get("targetPort", sp["port"]))
+                except ValueError as exc:
+                    raise AssertionError(f"Service {name}: {exc}") from exc
                 if target != sp["port"]:
                     pytest.fail(f"Service {name} maps {sp['port']} to {target}: not emulated")
             for alias in (
@@ -290,37 +280,39 @@ class Federation:
         rules = k8s_sim.role_rules(self.objs, sa, "fedsd")
         (api / "rules.json").write_text(json.dumps(rules))
         self.api_state = api / "state.json"
-        log = (api / "log.txt").open("wb")
-        self.api_proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.api_ns, sys.executable, str(Path(k8s_sim.__file__)),
-             "apiserver", "--host", API_IP, "--port", "443", "--token-file", str(api / "token"),
+        self.api_proc = self._stand_in(
+            self.api_ns, api / "log.txt", self.api_state.exists,
+            ["apiserver", "--host", API_IP, "--port", "443", "--token-file", str(api / "token"),
              "--namespace", "fedsd", "--rules", str(api / "rules.json"), "--cert", str(cert),
              "--key", str(key), "--state", str(self.api_state)],
-            stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not self.api_state.exists():
-            if self.api_proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("fake API server did not start: " + (api / "log.txt").read_text())
-            time.sleep(0.2)
 
     def start_dns(self) -> None:
         """Cluster DNS (A and SRV records of the manifests' Services) at DNS_IP:53/udp."""
         records = k8s_sim.cluster_dns_records(self.objs, self.pods)
         path = self.root / "dns-records.json"
         path.write_text(json.dumps(records, indent=1))
-        log = (self.root / "dns-log.txt").open("wb")
-        self.dns_proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.dns_ns, sys.executable, str(Path(k8s_sim.__file__)),
-             "dns", "--host", DNS_IP, "--records", str(path)],
-            stdout=log, stderr=subprocess.STDOUT,
+        log = self.root / "dns-log.txt"
+        self.dns_proc = self._stand_in(
+            self.dns_ns, log, lambda: "cluster DNS on" in log.read_text(),
+            ["dns", "--host", DNS_IP, "--records", str(path)],
         )  # fmt: skip
+
+    def _stand_in(
+        self, ns: str, log: Path, ready: Callable[[], bool], args: list[str]
+    ) -> subprocess.Popen:
+        """``python tests/k8s_sim.py ARGS`` in network namespace ``ns``, once ``ready()``."""
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, str(Path(k8s_sim.__file__)), *args],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + 30
-        logged = self.root / "dns-log.txt"
-        while "cluster DNS on" not in logged.read_text():
-            if self.dns_proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("DNS stand-in did not start: " + logged.read_text())
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"stand-in {args[0]} did not start: {log.read_text()}")
             time.sleep(0.2)
+        return proc
 
     def load_secrets(self) -> None:
         state = json.loads(self.api_state.read_text())
@@ -507,18 +499,16 @@ class Federation:
 
     def image(self, ref: str) -> str:
         if ref.split(":")[0] == "prom/prometheus":
-            return self.prometheus_image()
+            return PROMETHEUS_IMAGE  # built by build_prometheus_image() in go()
         name = ref.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
         service = name.removeprefix("fedsd-")
         if service not in self.images:
             pytest.fail(f"image {ref}: not one of the fedsd images {sorted(self.images)}")
         return self.images[service]
 
-    def prometheus_image(self) -> str:
-        """The official image's layout (entrypoint /bin/prometheus, workdir /prometheus,
-        user nobody) around Debian's build, on the CI base image."""
-        if self.prometheus_built:
-            return PROMETHEUS_IMAGE
+    def build_prometheus_image(self) -> None:
+        """PROMETHEUS_IMAGE: the official image's layout (entrypoint /bin/prometheus,
+        workdir /prometheus, user nobody) around Debian's build, on the CI base image."""
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("`prometheus` not found; install it with bash docker/ci-observability.sh")
@@ -530,8 +520,6 @@ class Federation:
             'WORKDIR /prometheus\nENTRYPOINT ["/bin/prometheus"]\n'
         )
         _sh([self.podman, "build", "-q", "-t", PROMETHEUS_IMAGE, str(ctx)], timeout=600)
-        self.prometheus_built = True
-        return PROMETHEUS_IMAGE
 
     def start(self, pod: Pod, ctr: dict, restart: str) -> str:
         name = f"{self.prefix}-{pod.name}-{ctr['name']}"
@@ -695,7 +683,7 @@ class Federation:
         self.hosts_map = self.hosts()
         self.start_api()
         self.start_dns()
-        self.prometheus_image()  # before the federation loads the machine
+        self.build_prometheus_image()  # before the federation loads the machine
         self.timings["setup"] = time.monotonic() - t0
 
         pods = {p.owner["metadata"]["name"]: p for p in self.pods}

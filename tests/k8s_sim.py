@@ -476,51 +476,55 @@ def cluster_dns_records(
             continue
         ns, name = svc["metadata"]["namespace"], svc["metadata"]["name"]
         fqdn = f"{name}.{ns}.svc.{domain}"
-        backends = [
-            p for p in pods
-            if p.namespace == ns
-            and selector_matches({"matchLabels": svc["spec"]["selector"]}, p.labels)
-        ]  # fmt: skip
         headless = svc["spec"].get("clusterIP") == "None"
+        backends = service_backends(svc, pods)
+        if not headless:
+            backends = backends[:1]
+        for pod in backends:
+            records.setdefault(fqdn, []).append(pod.ip)
         for sp in svc["spec"]["ports"]:
             if "name" not in sp:
                 continue
             srv = f"_{sp['name']}._{sp.get('protocol', 'TCP').lower()}.{fqdn}"
-            for pod in backends if headless else backends[:1]:
+            for pod in backends:
                 target, port = fqdn, sp["port"]
                 if headless:
-                    port = _target_port(pod, sp.get("targetPort", sp["port"]))
+                    port = target_port(pod, sp.get("targetPort", sp["port"]))
                     sts = pod.owner if pod.owner["kind"] == "StatefulSet" else None
                     if sts is not None and sts["spec"].get("serviceName") == name:
                         target = f"{pod.name}.{fqdn}"
                         records.setdefault(target, []).append(pod.ip)
                 records.setdefault(srv, []).append([0, 100, port, target])
-        for pod in backends if headless else backends[:1]:
-            records.setdefault(fqdn, []).append(pod.ip)
     return records
+
+
+def service_backends(svc: dict, pods: list[Pod]) -> list[Pod]:
+    """The pods a Service selects (its namespace, its selector)."""
+    selector = {"matchLabels": svc["spec"]["selector"]}
+    return [
+        p for p in pods
+        if p.namespace == svc["metadata"]["namespace"] and selector_matches(selector, p.labels)
+    ]  # fmt: skip
 
 
 def service_endpoints(objs: list[dict], pods: list[Pod], name: str, port: int) -> list[tuple]:
     """(pod, container port) behind port ``port`` of Service ``name``: [] when the Service
     has no such port, selects no pod, or its targetPort names no container port."""
     (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == name]
-    selector = {"matchLabels": svc["spec"]["selector"]}
     out = []
     for sp in svc["spec"]["ports"]:
         if sp["port"] != port:
             continue
-        for pod in pods:
-            if pod.namespace == svc["metadata"]["namespace"] and selector_matches(
-                selector, pod.labels
-            ):
-                try:
-                    out.append((pod, _target_port(pod, sp.get("targetPort", sp["port"]))))
-                except ValueError:
-                    pass
+        for pod in service_backends(svc, pods):
+            try:
+                out.append((pod, target_port(pod, sp.get("targetPort", sp["port"]))))
+            except ValueError:
+                pass
     return out
 
 
-def _target_port(pod: Pod, target: int | str) -> int:
+def target_port(pod: Pod, target: int | str) -> int:
+    """A Service's targetPort on ``pod``: a number, or the container port of that name."""
     if isinstance(target, int):
         return target
     named = [p["containerPort"] for p in pod.container_ports() if p.get("name") == target]
