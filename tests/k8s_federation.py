@@ -55,12 +55,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from tests import k8s_sim
+from tests.host import wait_for_exit
 from tests.k8s_sim import NetworkPolicies, Peer, Pod
 
 REPO = k8s_sim.REPO
@@ -564,11 +565,12 @@ class Federation:
         self.containers.append(name)
         return name
 
-    def wait(self, name: str, timeout: float) -> int:
-        res = _sh([self.podman, "wait", name], timeout=timeout, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"podman wait {name}: {res.stderr}")
-        return int(res.stdout.strip().splitlines()[-1])
+    def wait(self, name: str, timeout: float, watch: Sequence[str] = ()) -> int:
+        """``name``'s exit code; fails at once when a ``watch``ed service it needs has
+        stopped or crash-loops (the kubelet would restart it; a run cannot finish then)."""
+        return wait_for_exit(
+            self.podman, name, timeout, watch=watch, max_restarts=3, evidence=self.tails
+        )
 
     def logs(self, name: str, tail: int | None = None) -> str:
         cmd = [self.podman, "logs"] + (["--tail", str(tail)] if tail else []) + [name]
@@ -701,29 +703,31 @@ class Federation:
         ]  # fmt: skip
         print("not run:", json.dumps(NOT_RUN))
         nodes = [p for p in services if p.owner["metadata"]["name"] == "supernode"]
-        for pod in services:
-            if pod not in nodes:
-                for ctr in pod.spec["containers"]:
-                    self.start(pod, ctr, "always")
+        running = [
+            self.start(pod, ctr, "always")
+            for pod in services
+            if pod not in nodes
+            for ctr in pod.spec["containers"]
+        ]
         launcher = pods["fedsd-launcher"]
         init = launcher.spec["initContainers"]
         assert [c["name"] for c in init] == ["register"]
         reg = self.start(launcher, init[0], "no")
-        code = self.wait(reg, 900)
+        code = self.wait(reg, 300, watch=running)  # waits for the SuperLink, then registers
         reg_logs = self.logs(reg)
         if code != 0:
             pytest.fail(f"register exited {code}:\n{reg_logs}\n{self.tails()}")
         self.timings["register"] = time.monotonic() - t0
-        for pod in nodes:
-            for ctr in pod.spec["containers"]:
-                self.start(pod, ctr, "always")
+        running += [
+            self.start(pod, ctr, "always") for pod in nodes for ctr in pod.spec["containers"]
+        ]
 
         t0 = time.monotonic()
         (run_ctr,) = launcher.spec["containers"]
         run = self.start(launcher, run_ctr, "no")
         passed = self.probes_pass(services, time.monotonic() + 600)
         self.timings["probes"] = time.monotonic() - t0
-        code = self.wait(run, 1500)
+        code = self.wait(run, 600, watch=running)  # 2 rounds at 64 px: minutes under load
         self.timings["run"] = time.monotonic() - t0
         run_logs = self.logs(run)
         if code != 0:

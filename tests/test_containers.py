@@ -10,6 +10,7 @@ tests with the reason and the command that sets it up (``bash docker/ci-setup.sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.host import tool
+from tests.host import compose_binary, container_states, tool, wait_for_exit
 
 pytestmark = pytest.mark.containers
 
@@ -42,8 +43,13 @@ def _tool(name: str) -> str:
     return tool(name, f"the container tests need it; {SETUP_HINT}")
 
 
+@functools.cache
+def _compose() -> str:
+    return compose_binary()
+
+
 def _compose_cmd(*files: str) -> list[str]:
-    cmd = [_tool("docker-compose")]
+    cmd = [_compose()]
     for f in files:
         cmd += ["-f", str(REPO / f)]
     return cmd
@@ -171,7 +177,7 @@ def test_compose_nodes_override_adds_nodes(tmp_path):
     )
     env = {**os.environ, "FEDSD_NODES": "4"}
     res = _run(
-        [_tool("docker-compose"), "-f", str(tmp_path / "compose.yaml"), "-f", str(override)]
+        [_compose(), "-f", str(tmp_path / "compose.yaml"), "-f", str(override)]
         + ["--project-directory", str(REPO), "config", "--format", "json"],
         timeout=60,
         env=env,
@@ -205,6 +211,41 @@ def test_image_requirements_match_pyproject():
         name, _, version = req.partition("==")
         if name != "torch":
             assert f"{name.lower()}=={version}" in constraints.replace("_", "-"), req
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def test_compose_binary_reports_failures():
+    """The Compose the tests run exits non-zero when Compose fails (pip's wrapper did not:
+    a failed `up -d` once read as success and the test waited 30 min for a dead launcher)."""
+    binary = _compose()
+    res = _run([binary, "-f", str(REPO / "nonexistent.yaml"), "config"], timeout=60, check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+
+
+def test_wait_fails_fast_on_a_container_never_started_or_a_dead_dependency():
+    """The run waits fail within seconds, not at their deadline, when the run cannot finish:
+    the awaited container was never started, or a service it needs has stopped."""
+    podman = _podman()
+    tag = f"fedsd-waittest-{os.getpid()}"
+    never = _run([podman, "create", "--label", tag, BASE_IMAGE, "sleep", "600"], timeout=120)
+    dead = _run([podman, "run", "-d", "--label", tag, BASE_IMAGE, "true"], timeout=120)
+    alive = _run([podman, "run", "-d", "--label", tag, BASE_IMAGE, "sleep", "600"], timeout=120)
+    never_id, dead_id, alive_id = (r.stdout.strip() for r in (never, dead, alive))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(pytest.fail.Exception, match="still created"):
+            wait_for_exit(podman, never_id, 600, start_within=4, evidence=lambda: "EVIDENCE")
+        assert time.monotonic() - t0 < 60
+        t0 = time.monotonic()
+        with pytest.raises(pytest.fail.Exception, match="which the run needs") as err:
+            wait_for_exit(podman, alive_id, 600, watch=[dead_id], evidence=lambda: "EVIDENCE")
+        assert time.monotonic() - t0 < 60
+        assert "EVIDENCE" in str(err.value) and "podman ps -a" in str(err.value)
+    finally:
+        ids = _run([podman, "ps", "-aq", "--filter", f"label={tag}"], timeout=60).stdout.split()
+        _run([podman, "rm", "-f", "-t", "0", *ids], timeout=120, check=False)
 
 
 # --------------------------------------------------------------------------- the real run
@@ -254,13 +295,17 @@ def _podman_service(podman: str, root: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _health_ticker(podman: str, project: str) -> Iterator[None]:
-    """Run the containers' HEALTHCHECKs every 2 s.
+    """Run each running container's HEALTHCHECK every ``interval`` of its own, as Docker's
+    daemon does.
 
-    Docker's daemon runs them itself; podman 4.3 schedules them with systemd timers, and
-    with no systemd (CI machines) a container stays "starting" forever, so Compose's
-    ``condition: service_healthy`` would never be met. This does what the timer would.
+    Podman 4.3 schedules health checks with systemd timers; with no systemd (CI machines) a
+    container stays "starting" forever and Compose's ``condition: service_healthy`` is
+    never met. This does what the timer would, no more often than the container asks (a
+    check every 2 s for every container loaded the machine it was timing).
     """
     stop = threading.Event()
+    interval: dict[str, float] = {}  # container id -> seconds between checks
+    due: dict[str, float] = {}
 
     def loop() -> None:
         while not stop.is_set():
@@ -269,18 +314,29 @@ def _health_ticker(podman: str, project: str) -> Iterator[None]:
                 capture_output=True,
                 text=True,
             )
+            now = time.monotonic()
+            ids = [cid for cid in res.stdout.split() if due.get(cid, 0) <= now]
+            for cid in ids:
+                if cid not in interval:
+                    ns = subprocess.run(
+                        [podman, "inspect", "-f", "{{.Config.Healthcheck.Interval}}", cid],
+                        capture_output=True,
+                        text=True,
+                    ).stdout.strip()
+                    interval[cid] = int(ns) / 1e9 if ns.isdigit() and int(ns) > 0 else 30.0
+                due[cid] = now + interval[cid]
             procs = [
                 subprocess.Popen(
                     [podman, "healthcheck", "run", cid],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                for cid in res.stdout.split()
+                for cid in ids
             ]
             for p in procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=30)
-            stop.wait(2.0)
+                    p.wait(timeout=60)
+            stop.wait(1.0)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -288,7 +344,7 @@ def _health_ticker(podman: str, project: str) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join(timeout=40)
+        thread.join(timeout=70)
 
 
 def _https_status(url: str, ca: Path, method: str = "GET") -> int:
@@ -310,29 +366,40 @@ def _fedsd(*args: str, timeout: float = 300) -> None:
     _run([sys.executable, "-m", "fedsd.cli", *args], timeout=timeout)
 
 
-def _wait_for_service(podman: str, project: str, service: str, timeout: float) -> tuple[int, str]:
-    """Wait until the compose service's container has exited; its exit code and output."""
-    labels = [
-        "--filter",
-        f"label=com.docker.compose.project={project}",
-        "--filter",
-        f"label=com.docker.compose.service={service}",
-    ]
-    deadline = time.monotonic() + timeout
-    while True:
-        ids = _run([podman, "ps", "-a", "-q", *labels], timeout=60).stdout.split()
-        if ids:
-            state = _run(
-                [podman, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", ids[0]],
-                timeout=60,
-            ).stdout.split()
-            if state and state[0] in ("exited", "stopped"):
-                logs = _run([podman, "logs", ids[0]], timeout=60, check=False)
-                return int(state[1]), logs.stdout + logs.stderr
-        if time.monotonic() > deadline:
-            ps = _run([podman, "ps", "-a", "--filter", labels[1]], timeout=60, check=False)
-            pytest.fail(f"{service} did not exit within {timeout} s:\n{ps.stdout}")
-        time.sleep(2)
+def _project_containers(podman: str, project: str) -> dict[str, str]:
+    """compose service -> container id, for every container of the project."""
+    res = _run(
+        [podman, "ps", "-a", "--filter", f"label=com.docker.compose.project={project}"]
+        + ["--format", '{{.ID}} {{index .Labels "com.docker.compose.service"}}'],
+        timeout=120,
+    )
+    return {svc: cid for cid, svc in (ln.split() for ln in res.stdout.splitlines() if ln)}
+
+
+ONE_SHOT = ("certs", "register")  # exit 0 before `up -d` returns; the launcher runs on
+
+
+def _check_started(podman: str, project: str, up_output: str) -> dict[str, str]:
+    """After ``up -d`` returned 0 every service has been started: the one-shots have exited
+    0, the others run. A container still "created" means Compose gave up on it (once, its
+    failure was hidden behind exit status 0): fail now, with Compose's own output."""
+    ids = _project_containers(podman, project)
+    states = container_states(podman, list(ids.values()))
+    wrong = {}
+    for svc, cid in sorted(ids.items()):
+        status, code, _ = states.get(cid, ("missing", -1, 0))
+        ok = (status, code) == ("exited", 0) if svc in ONE_SHOT else status == "running"
+        if svc == "launcher":
+            ok = status in ("running", "exited")
+        if not ok:
+            wrong[svc] = f"{status} (exit {code})"
+    if wrong or "launcher" not in ids:
+        ps = _run([podman, "ps", "-a"], timeout=120, check=False).stdout
+        pytest.fail(
+            f"`compose up -d` returned 0 but not every service was started: {wrong or ids}\n"
+            f"--- compose up -d output\n{up_output}\n--- podman ps -a\n{ps}"
+        )
+    return ids
 
 
 @pytest.mark.heavy
@@ -388,28 +455,48 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
             "FEDSD_OUT": str(out),
             "FEDSD_ROUNDS": "2",
             "FEDSD_RUN_CONFIG": "resolution=64",
-            "FEDSD_TIMEOUT": "900",
+            "FEDSD_TIMEOUT": "600",  # 2 rounds at 64 px: ~1 min idle, a few under load
         }
         compose = _compose_cmd("compose.yaml", "compose.ci.yaml")
         try:
             with _health_ticker(podman, project):
                 t0 = time.monotonic()
-                _run([*compose, "up", "-d", "--no-build"], timeout=1200, env=env)
+                # The dependency waits are bounded by compose.ci.yaml's health start periods
+                # (300 s): past them a dependency is unhealthy and `up` fails with the reason.
+                up = _run([*compose, "up", "-d", "--no-build"], timeout=600, env=env, check=False)
+                up_output = f"exit {up.returncode}\n{up.stdout}\n{up.stderr}"
+                if up.returncode != 0:
+                    ps = _run([podman, "ps", "-a"], timeout=120, check=False).stdout
+                    pytest.fail(f"`compose up -d` failed: {up_output}\n--- podman ps -a\n{ps}")
                 timings["up"] = time.monotonic() - t0
+                ids = _check_started(podman, project, up_output)
                 t0 = time.monotonic()
-                # The launcher's own exit status and output, from podman: under podman 4.3
-                # `compose run` exits 0 whatever the container did, and `compose wait` /
-                # `compose logs` came back with 0 and no output once on a loaded machine.
-                code, output = _wait_for_service(podman, project, "launcher", timeout=1800)
-                timings["run"] = time.monotonic() - t0
-                if code != 0:
+
+                def evidence() -> str:
                     tails = _run(
                         [*compose, "logs", "--no-color", "--tail", "40"],
-                        timeout=60,
+                        timeout=120,
                         env=env,
                         check=False,
                     )
-                    pytest.fail(f"launcher exited {code}\n{output[-6000:]}\n{tails.stdout}")
+                    return f"--- compose up -d output\n{up_output}\n--- logs\n{tails.stdout}"
+
+                # The launcher's own exit status and output, from podman (Compose reports the
+                # run by its exit status only). Deadline: the launcher's own FEDSD_TIMEOUT.
+                services = [cid for svc, cid in ids.items() if svc not in (*ONE_SHOT, "launcher")]
+                code = wait_for_exit(
+                    podman,
+                    ids["launcher"],
+                    float(env["FEDSD_TIMEOUT"]) + 60,
+                    watch=services,
+                    max_restarts=2,  # a blip is survivable; a crash loop is not
+                    evidence=evidence,
+                )
+                logs = _run([podman, "logs", ids["launcher"]], timeout=120, check=False)
+                output = logs.stdout + logs.stderr
+                timings["run"] = time.monotonic() - t0
+                if code != 0:
+                    pytest.fail(f"launcher exited {code}\n{output[-6000:]}\n{evidence()}")
                 assert "finished:completed" in output, output[-6000:]
                 print("\n".join(ln for ln in output.splitlines() if "fedsd " in ln))
                 adapter = out / "latest" / "pytorch_lora_weights.safetensors"
@@ -454,7 +541,7 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
                 assert 'fedsd_superlink_runs{status="completed"} 1.0' in link_metrics
         finally:
             t0 = time.monotonic()
-            _run([*compose, "down", "-v", "--remove-orphans"], timeout=600, env=env, check=False)
+            _run([*compose, "down", "-v", "--remove-orphans"], timeout=300, env=env, check=False)
             timings["down"] = time.monotonic() - t0
         left = _run(
             [podman, "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}"],
