@@ -136,6 +136,9 @@ def test_compose_monitoring_matches_the_prometheus_config():
         assert ":" in image and not image.endswith(":latest"), image
         assert all(p["host_ip"] == "127.0.0.1" for p in services[name]["ports"]), name
     assert {"backend", "fleet"} <= set(services["prometheus"]["networks"])
+    grafana_env = services["grafana"]["environment"]  # no admin, so no default password
+    assert grafana_env["GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION"] == "true"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana_env
     assert (
         "profiles" in services["prometheus"]
         and "prometheus" not in _config("compose.yaml")["services"]
