@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsd import metrics as prom
 from fedsd.aggregation import weighted_mean, weighted_metric
-from fedsd.checkpoint import RunDir
+from fedsd.checkpoint import DiskFullError, RunDir
 from fedsd.config import RunConfig
 from fedsd.payload import FLAT, pack, unpack
 from fedsd.secagg import pull_replies, send_and_receive
@@ -98,7 +98,11 @@ class Federation:
             except BudgetSpent as spent:
                 _say(str(spent))
                 break
-            self.out.save_round(server_round, arrays, record)
+            try:
+                self.out.save_round(server_round, arrays, record)
+            except DiskFullError as full:
+                _say(f"error: {full}")  # the run stops; rerunning resumes after the last good
+                raise
             prom.record_round(self.out.run_key, record)
             prom.record_checkpoint(self.out.run_key, time.time())
             eps = [float(p["epsilon"]) for p in record["privacy"] if p.get("epsilon") is not None]
