@@ -41,7 +41,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config, then run (or resume) the federation."""
     cfg = RunConfig.from_mapping(context.run_config)  # refused here, before round 1
-    Federation(grid, cfg, context).run()
+    try:
+        Federation(grid, cfg, context).run()
+    except DiskFullError as full:
+        _say(f"error: {full}")  # the run stops; the same command resumes after the last good
+        raise
 
 
 class BudgetSpent(RuntimeError):
@@ -98,11 +102,7 @@ class Federation:
             except BudgetSpent as spent:
                 _say(str(spent))
                 break
-            try:
-                self.out.save_round(server_round, arrays, record)
-            except DiskFullError as full:
-                _say(f"error: {full}")  # the run stops; rerunning resumes after the last good
-                raise
+            self.out.save_round(server_round, arrays, record)
             prom.record_round(self.out.run_key, record)
             prom.record_checkpoint(self.out.run_key, time.time())
             eps = [float(p["epsilon"]) for p in record["privacy"] if p.get("epsilon") is not None]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedsd import atomic
 from fedsd.atomic import is_temporary, remove_temporaries, write_dir, write_file
 from fedsd.checkpoint import HISTORY, DiskFullError, RunDir
 from fedsd.model import load_adapter_arrays
@@ -53,7 +54,7 @@ def _check_consistent(out: Path) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def test_write_file_and_dir_replace_atomically_and_clean_up_on_error(tmp_path):
+def test_write_file_and_dir_replace_atomically_and_clean_up_on_error(tmp_path, monkeypatch):
     target = write_file(tmp_path / "a.json", '{"v": 1}')
     write_file(target, b'{"v": 2}', mode=0o600)
     assert json.loads(target.read_text()) == {"v": 2}
@@ -65,6 +66,10 @@ def test_write_file_and_dir_replace_atomically_and_clean_up_on_error(tmp_path):
         write_dir(d, {"x": b"4", "../evil": b""})
     assert (d / "x").read_bytes() == b"3"
     assert _temporaries(tmp_path) == []
+    # where the file system cannot swap two directories, the old one is renamed aside
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    write_dir(d, {"z": b"5"})
+    assert sorted(p.name for p in d.iterdir()) == ["z"] and _temporaries(tmp_path) == []
     # what killed writers leave behind, old and new names, is removed; nothing else
     for name in (".history.json.tmp-12-ab", "history.tmp99", "latest.tmp", "latest.old"):
         (tmp_path / name).mkdir() if "latest" in name else (tmp_path / name).write_text("")
