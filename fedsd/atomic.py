@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import re
 import secrets
@@ -24,7 +25,7 @@ from typing import BinaryIO
 # What a temporary of this module is called: ".<target>.tmp-<pid>-<hex>".
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
 # Temporaries of the writers this module replaced (history.tmp123, round-3.tmp, latest.old).
-_LEGACY_RE = re.compile(r"^(history\.tmp\d+|.+\.tmp|.+\.\d+\.tmp|latest\.old|round-\d+\.old)$")
+_LEGACY_RE = re.compile(r"^(history\.tmp\d+|.+\.tmp|(latest|round-\d+)\.old)$")
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -105,13 +106,15 @@ def write_file(path: str | os.PathLike[str], data: bytes | str, *, mode: int | N
     return write_file_with(path, lambda fh: fh.write(raw), mode=mode)
 
 
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name, use_errno=True), "renameat2", None) if name else None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
@@ -151,7 +154,11 @@ def write_dir(path: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
         elif not _exchange(tmp, target):
             aside = temp_name(target)  # a kill now leaves no target: the caller repairs it
             os.rename(target, aside)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
             tmp = aside
         # tmp now holds the old directory (or nothing)
     except BaseException:
