@@ -6,23 +6,27 @@ Layout of ``OUT``::
     latest/                                       a copy of the newest round
     history.json                                  run identity and one record per round
 
-``history.json`` is written last and atomically after each round, so it is the commit
-point: a restarted ServerApp resumes after its last recorded round from that round's
-adapter, whatever a crash left half-done after it.
+Every write is atomic and fsync'd (``fedsd.atomic``), in the order round-<n>/, latest/,
+``history.json``: ``history.json`` is the commit point, so after a kill at any moment every
+round it records has its adapter on disk, and a restarted ServerApp resumes after its last
+recorded round from that round's adapter. Opening OUT removes the temporaries a killed
+writer left and puts latest/ back to the last recorded round. A full disk stops the run
+with ``DiskFullError``, the last good checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedsd.atomic import is_disk_full, remove_temporaries, write_dir, write_file
 from fedsd.config import RunConfig
 from fedsd.model import load_adapter_arrays, save_adapter
 
@@ -33,6 +37,10 @@ IDENTITY_KEYS = ("model", "lora-rank", "lora-alpha", "lora-targets", "lora-varia
 
 class ResumeError(RuntimeError):
     """OUT holds a run that this configuration cannot continue."""
+
+
+class DiskFullError(RuntimeError):
+    """OUT's file system is full: the run stops, its last good checkpoint kept."""
 
 
 def _identity(cfg: RunConfig) -> dict[str, Any]:
@@ -55,6 +63,7 @@ class RunDir:
         """Open (creating if needed) ``cfg.out_dir``; refuse a foreign run's directory."""
         root = Path(cfg.out_dir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(root)
         rd = cls(root=root, cfg=cfg)
         path = root / HISTORY
         if path.is_file():
@@ -77,7 +86,23 @@ class RunDir:
             }
         rd.history.setdefault("run_key", secrets.token_hex(8))
         rd.history["config"] = cfg.to_mapping()
+        rd._repair_latest()
         return rd
+
+    def _repair_latest(self) -> None:
+        """latest/ := round-<last recorded>/ when a kill left it missing or a round ahead."""
+        n = self.completed_rounds
+        src, latest = self.round_dir(n), self.root / "latest"
+        if n == 0 or not src.is_dir():
+            return
+        files = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file()}
+        current = (
+            {p.name: p.read_bytes() for p in sorted(latest.iterdir()) if p.is_file()}
+            if latest.is_dir()
+            else None
+        )
+        if current != files:
+            self._guard(f"{latest}", lambda: write_dir(latest, files))
 
     @property
     def run_key(self) -> str:
@@ -108,12 +133,16 @@ class RunDir:
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], record: dict) -> None:
         """Adapter to round-<n>/ and latest/, then the history record (the commit point)."""
         info = {"round": server_round, "model": self.cfg.model, "time": time.time()}
-        save_adapter(arrays, self.round_dir(server_round), self.cfg, info)
-        save_adapter(arrays, self.root / "latest", self.cfg, info)
-        self.history["rounds"] = [
-            r for r in self.history["rounds"] if int(r["round"]) < server_round
-        ] + [record]
-        self._write_history()
+        rdir, latest = self.round_dir(server_round), self.root / "latest"
+        self._guard(f"{rdir}", lambda: save_adapter(arrays, rdir, self.cfg, info))
+        self._guard(f"{latest}", lambda: save_adapter(arrays, latest, self.cfg, info))
+        before = self.history["rounds"]
+        self.history["rounds"] = [r for r in before if int(r["round"]) < server_round] + [record]
+        try:
+            self._write_history()
+        except BaseException:
+            self.history["rounds"] = before  # memory stays what disk says
+            raise
 
     def val_loss_pending(self, server_round: int) -> bool:
         """Whether round ``server_round`` (0 = initial adapter) still lacks its val loss."""
@@ -138,9 +167,29 @@ class RunDir:
 
     def _write_history(self) -> None:
         path = self.root / HISTORY
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.history, indent=2, default=_json_default) + "\n")
-        tmp.replace(path)
+        text = json.dumps(self.history, indent=2, default=_json_default) + "\n"
+        self._guard(f"{path}", lambda: write_file(path, text))
+
+    def _guard(self, what: str, write: Callable[[], object]) -> None:
+        """Run ``write``; a full disk becomes a ``DiskFullError`` that says how to go on."""
+        try:
+            write()
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DiskFullError(
+                f"disk full writing {what} (out-dir {self.root}): {exc.strerror}; the last "
+                f"good checkpoint is round {self._committed_round()}; free space and rerun "
+                "the same command to resume"
+            ) from exc
+
+    def _committed_round(self) -> int:
+        """The last round history.json on disk records (memory may be one ahead)."""
+        try:
+            rounds = json.loads((self.root / HISTORY).read_text()).get("rounds", [])
+            return int(rounds[-1]["round"]) if rounds else 0
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return 0
 
 
 def _json_default(x: Any) -> Any:

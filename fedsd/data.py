@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageOps
 
+from fedsd.atomic import write_file
 from fedsd.config import ConfigError
 from fedsd.flowers import (
     DEFAULT_DATASET,
@@ -456,9 +457,7 @@ def _publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, text)
 
 
 def _manifest(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -67,6 +68,7 @@ __all__ = [
     "CONNECTION",
     "DeployError",
     "LocalDeployment",
+    "OutInUse",
     "RunResult",
     "Service",
     "ShardsError",
@@ -76,6 +78,7 @@ __all__ = [
     "find_app_dir",
     "format_config_pairs",
     "free_port",
+    "hold_out_lock",
     "load_app_config",
     "parse_run_config",
     "run_local",
@@ -102,6 +105,55 @@ class DeployError(RuntimeError):
 
 class ShardsError(FileNotFoundError):
     """The shard directory the SuperNodes need is missing or incomplete."""
+
+
+class OutInUse(DeployError):
+    """Another ``fedsd up`` holds this OUT (or work dir)."""
+
+
+LOCK_NAME = ".fedsd-up.lock"
+
+
+@contextlib.contextmanager
+def hold_out_lock(*dirs: str | os.PathLike[str]) -> Iterator[None]:
+    """One ``fedsd up`` per OUT: an exclusive ``flock`` on ``DIR/.fedsd-up.lock`` (our pid
+    written in it) for each of ``dirs``, held until the block ends.
+
+    Taken before anything in OUT is touched, so a second run cannot move the first one's
+    state.db aside or rewrite its connection. The kernel drops the lock when the holder
+    dies, so a crashed run never blocks the next one.
+    """
+    fds: list[int] = []
+    try:
+        for d in dict.fromkeys(Path(x) for x in dirs):  # once each, in order
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / LOCK_NAME
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                raise OutInUse(
+                    f"{d} is in use by another fedsd up (pid {holder}); wait for it to end "
+                    f"or stop it (kill {holder}), or use another --out"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock; the file stays (unlinking it would race)
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the holder wrote (it writes it right after locking: wait a moment for it)."""
+    for _ in range(20):
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.05)
+    return "unknown"
 
 
 class _Interrupted(BaseException):
@@ -1241,7 +1293,9 @@ def run_local(
         warm_apps=_is_fedsd_app(app) if warm_apps is None else warm_apps,
         metrics_port=metrics_port,
     )
-    with _signals_raise(), deployment:
+    # OUT (and a work dir outside it) locked first: nothing there is touched before
+    locked = (out_path,) if work.is_relative_to(out_path) else (out_path, work)
+    with hold_out_lock(*locked), _signals_raise(), deployment:
         try:
             for cfg in node_configs:
                 Path(cfg["cache-dir"]).mkdir(parents=True, exist_ok=True)

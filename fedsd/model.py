@@ -218,22 +218,16 @@ def exchanged_keys(keys: list[str] | Any, variant: str) -> list[str]:
     return [k for k in sorted(keys) if variant != "ffa" or ".lora_B." in k]
 
 
-def save_adapter(
-    arrays: Mapping[str, np.ndarray], out_dir: str | Path, cfg: RunConfig, info: dict[str, Any]
-) -> Path:
-    """Write an adapter that ``StableDiffusionPipeline.load_lora_weights(out_dir)`` reads.
+def adapter_files(
+    arrays: Mapping[str, np.ndarray], cfg: RunConfig, info: dict[str, Any]
+) -> dict[str, bytes]:
+    """The files of an adapter that ``StableDiffusionPipeline.load_lora_weights`` reads.
 
-    Written to a temporary directory and renamed into place, so a crash never leaves a
-    half-written adapter behind a valid-looking name.
+    Serialised in memory, so that writing them (``fedsd.atomic``) raises a plain OSError on
+    a full disk rather than a safetensors error.
     """
-    import shutil
+    from safetensors.numpy import save
 
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # diffusers' LoRA format for the UNet: peft names under the "unet." prefix, and the
     # LoraConfig as "unet."-prefixed metadata so a non-default lora_alpha is honoured.
     tensors = {f"unet.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
@@ -242,29 +236,30 @@ def save_adapter(
     }
     packed = {f"unet.{k}": v for k, v in lora_meta.items()}
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
-    save_file(tensors, str(tmp / ADAPTER_WEIGHT_NAME), metadata=metadata)
-    (tmp / ADAPTER_INFO_NAME).write_text(
-        json.dumps(
-            {
-                **info,
-                "lora_rank": cfg.lora_rank,
-                "lora_alpha": cfg.lora_alpha,
-                "lora_targets": list(cfg.lora_targets),
-                "variant": cfg.lora_variant,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    meta = {
+        **info,
+        "lora_rank": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_targets": list(cfg.lora_targets),
+        "variant": cfg.lora_variant,
+    }
+    return {
+        ADAPTER_WEIGHT_NAME: save(tensors, metadata=metadata),
+        ADAPTER_INFO_NAME: (json.dumps(meta, indent=2) + "\n").encode("utf-8"),
+    }
+
+
+def save_adapter(
+    arrays: Mapping[str, np.ndarray], out_dir: str | Path, cfg: RunConfig, info: dict[str, Any]
+) -> Path:
+    """Write an adapter that ``StableDiffusionPipeline.load_lora_weights(out_dir)`` reads.
+
+    Atomic and durable (``fedsd.atomic.write_dir``): after a crash ``out_dir`` is the old
+    adapter or the new one, never a half-written one.
+    """
+    from fedsd.atomic import write_dir
+
+    return write_dir(out_dir, adapter_files(arrays, cfg, info))
 
 
 def load_adapter_arrays(adapter_dir: str | Path) -> dict[str, np.ndarray]:

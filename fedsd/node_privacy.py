@@ -15,7 +15,6 @@ from zero. Nothing sent to the server reveals the update's norm.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsd.atomic import write_file
 from fedsd.config import RunConfig
 from fedsd.privacy import (
     NodeAccountant,
@@ -107,9 +107,7 @@ class NodePrivacy:
             pass
         sigma = noise_multiplier_for(target, delta, q, total)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "noise_multiplier": sigma}))
-        os.replace(tmp, path)
+        write_file(path, json.dumps({"key": key, "noise_multiplier": sigma}))
         return sigma
 
     def accountant(self) -> NodeAccountant:

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsd.atomic import write_file
 from fedsd.config import ConfigError
 
 # -- modes --------------------------------------------------------------------------------
@@ -1068,20 +1068,10 @@ class NodeAccountant:
             self.save()
 
     def save(self) -> None:
-        """Write the history atomically: a temp file in the same directory, then rename."""
+        """Write the history atomically and durably (``fedsd.atomic``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": _ACCOUNTANT_FORMAT, "history": [list(h) for h in self.history]}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_file(self.path, json.dumps(payload))
 
     def epsilon(self, delta: float) -> float:
         """Cumulative epsilon at ``delta``, from a fresh Opacus ``RDPAccountant``."""
@@ -1239,9 +1229,7 @@ class OutputLedger:
             )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"format": _LEDGER_FORMAT, "releases": self.releases}
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, self.path)
+            write_file(self.path, json.dumps(payload))
 
     def composed(self) -> ComposedBudget:
         """The cumulative budget of all releases (they share one mechanism and setting)."""

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsd import metrics as prom
 from fedsd.aggregation import weighted_mean, weighted_metric
-from fedsd.checkpoint import RunDir
+from fedsd.checkpoint import DiskFullError, RunDir
 from fedsd.config import RunConfig
 from fedsd.payload import FLAT, pack, unpack
 from fedsd.secagg import pull_replies, send_and_receive
@@ -41,7 +41,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config, then run (or resume) the federation."""
     cfg = RunConfig.from_mapping(context.run_config)  # refused here, before round 1
-    Federation(grid, cfg, context).run()
+    try:
+        Federation(grid, cfg, context).run()
+    except DiskFullError as full:
+        _say(f"error: {full}")  # the run stops; the same command resumes after the last good
+        raise
 
 
 class BudgetSpent(RuntimeError):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedsd.atomic import write_file_with
 from fedsd.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,7 @@ class LatentCache:
         """Write atomically (temp file + rename)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self.path(key)
-        tmp = p.with_suffix(f".tmp{time.monotonic_ns()}")
-        torch.save(split.state(), tmp)
-        tmp.replace(p)
+        write_file_with(p, lambda fh: torch.save(split.state(), fh))
 
 
 def image_tensor(images: list[Any], resolution: int) -> torch.Tensor:

@@ -278,13 +278,12 @@ def install_shim(bin_dir: str | os.PathLike[str], entry: str = "flwr-clientapp")
     """Write the ``entry`` shim into ``bin_dir`` (put that first on the service's PATH)."""
     if entry not in ENTRIES:
         raise ValueError(f"unknown command {entry!r}; known: {', '.join(ENTRIES)}")
+    from fedsd.atomic import write_file  # not at import: the launcher forks fedsd apps
+
     target = Path(bin_dir) / entry
     target.parent.mkdir(parents=True, exist_ok=True)
     script = f'#!/bin/sh\nexec "{sys.executable}" -m fedsd.warmstart {entry} "$@"\n'
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(target)
+    write_file(target, script, mode=0o755)
     return target
 
 

@@ -36,13 +36,16 @@ from fedsd.certs import (
 )
 from fedsd.config import ConfigError
 from fedsd.deploy import (
+    LOCK_NAME,
     DeployError,
     LocalDeployment,
+    OutInUse,
     ShardsError,
     build_run_config,
     check_shards,
     find_app_dir,
     format_config_pairs,
+    hold_out_lock,
     parse_run_config,
     run_local,
 )
@@ -497,6 +500,92 @@ def test_sigterm_stops_every_process(tmp_path, bare_app_dir):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_out_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
+    out = tmp_path / "out"
+    with hold_out_lock(out):
+        assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+        said = f"{out} is in use by another fedsd up (pid {os.getpid()})"
+        with pytest.raises(OutInUse, match=re.escape(said)):
+            with hold_out_lock(out):
+                pass
+    with hold_out_lock(out):  # released at the end of the block
+        pass
+
+
+@pytest.mark.e2e
+@needs_proc
+@pytest.mark.timeout(400)
+def test_second_fedsd_up_on_one_out_is_refused_and_changes_nothing(tmp_path, tiny_model):
+    """Two real ``fedsd up --local`` on one OUT: the second is refused at once naming the
+    first's pid, and the first run's state.db, certificates and connection stay as they were
+    (without the lock, --no-metrics let the second move the live state.db aside)."""
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    work = out / ".deploy"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
+        + ["--num-shards", "2", "--synthetic-images", "8", "--out", str(shards)],
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    argv = [sys.executable, "-m", "fedsd.cli", "up", "--local", "--nodes", "2"]
+    argv += ["--rounds", "50", "--model", str(tiny_model), "--shards", str(shards)]
+    argv += ["--out", str(out), "--run-config", "resolution=64", "--no-metrics"]
+    argv += ["--timeout", "300"]
+    first = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+    )
+    seen: list[str] = []
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:  # every service up: state.db, certs and connection exist
+            seen.append(line)
+            if "SuperNode(s) online" in line:
+                break
+        assert any("SuperNode(s) online" in line for line in seen), "".join(seen)
+        assert (out / LOCK_NAME).read_text().strip() == str(first.pid)
+        kept = [work / n for n in ("ca.crt", "superlink.crt", "superlink.key")]
+        kept.append(work / "flwr-home" / "config.toml")
+        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}
+        db = (work / "state.db").stat()
+
+        t0 = time.monotonic()
+        second = subprocess.run(
+            argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        )
+        refused_in = time.monotonic() - t0
+        said = second.stdout + second.stderr
+        assert second.returncode == 2, said
+        assert f"{out} is in use by another fedsd up (pid {first.pid})" in said, said
+        assert first.poll() is None, "the first run must go on"
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in kept} == before
+        assert (work / "state.db").stat().st_ino == db.st_ino
+        assert not (work / "state.previous.db").exists()
+        assert (out / LOCK_NAME).read_text().strip() == str(first.pid)
+
+        first.send_signal(signal.SIGTERM)
+        code = _wait_exit(first, timeout=90)
+        seen.append(first.stdout.read())
+        assert code == 128 + signal.SIGTERM, "".join(seen)
+        assert _wait_no_leftovers(work) == []
+        with hold_out_lock(out):  # the lock died with its holder
+            pass
+        print(f"second fedsd up refused in {refused_in:.2f}s (exit {second.returncode})")
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
 
 
 def test_deploy_error_when_superlink_cannot_start(tmp_path):
