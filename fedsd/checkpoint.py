@@ -25,6 +25,7 @@ import numpy as np
 
 from fedsd.config import RunConfig
 from fedsd.model import load_adapter_arrays, save_adapter
+from fedsd.validation import non_finite
 
 HISTORY = "history.json"
 # Settings that must not change when resuming: they define what the adapter is.
@@ -106,7 +107,18 @@ class RunDir:
         return load_adapter_arrays(d)
 
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Adapter to round-<n>/ and latest/, then the history record (the commit point)."""
+        """Adapter to round-<n>/ and latest/, then the history record (the commit point).
+
+        Refuses (ValueError, nothing written) an adapter holding NaN or Inf: it would
+        become ``latest/`` and the start of every resume.
+        """
+        bad = non_finite(arrays)
+        if bad:
+            raise ValueError(
+                f"refusing to write round {server_round}'s adapter to {self.root}: "
+                f"non-finite values in {', '.join(sorted(bad)[:3])}"
+                + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
+            )
         info = {"round": server_round, "model": self.cfg.model, "time": time.time()}
         save_adapter(arrays, self.round_dir(server_round), self.cfg, info)
         save_adapter(arrays, self.root / "latest", self.cfg, info)
