@@ -113,6 +113,8 @@ def _rogue_reply(kind: str, msg: Message) -> Message:
         flat = flat[:-1]
     elif kind == "huge":
         flat[:] = 1e6
+    elif kind == "poison":  # valid, under the norm bound, far from any honest update
+        flat[:] = 50.0
     elif kind == "int":
         flat = np.zeros(n, np.int32)
     elif kind == "weight-1e12":
@@ -233,3 +235,43 @@ def test_node_privacy_records_that_would_crash_the_log_are_dropped():
     assert len(privacy_lines({"round": 1, "privacy": records})) == 1
     assert _node_records({"records": '{"mechanism": "dp-sgd"}'}, 7) == []
     assert _node_records({"records": "not json"}, 7) == []
+
+
+def test_an_honest_dp_output_update_passes_the_default_norm_bound():
+    from fedsd.privacy import PrivacyConfig, noise_rng, privatize_update
+    from fedsd.validation import noise_norm_allowance
+
+    n = 20_000
+    for mech, extra in (("gaussian", {"dp-output-delta": 1e-5}), ("laplace", {})):
+        p = PrivacyConfig.from_mapping(
+            {"privacy": "dp-output", "dp-output-mechanism": mech, "dp-output-clip": 1.0}
+            | {"dp-output-epsilon": 0.01, **extra}
+        )
+        update = {"x": np.full(n, 0.01, np.float32)}
+        noised, _ = privatize_update(
+            update, mech, 1.0, 0.01, extra.get("dp-output-delta"), noise_rng()
+        )
+        limits = Limits(length=n, max_norm=10_000 + noise_norm_allowance(p, n), max_weight=1e6)
+        verdict = check_reply(noised["x"], {"num-examples": 4, "shard-images": 4}, limits)
+        assert isinstance(verdict, Accepted), (mech, verdict)
+        assert verdict.norm > 10_000  # the noise alone is above max-update-norm
+        # and a real outlier is still refused
+        assert (
+            check_reply(noised["x"] * 10, GOOD | {"num-examples": 4}, limits).reason == "norm-bound"
+        )
+
+
+def test_trimmed_mean_in_the_round_loop_cuts_a_poisoner(tiny_model, tmp_path, shards):
+    from fedsd.server_app import Federation
+
+    rc, contexts = _setup(
+        tiny_model, tmp_path, shards, **{"num-server-rounds": 1, "aggregation": "trimmed-mean"}
+    )
+    fed = Federation(RogueGrid(contexts, {201: "poison"}), RunConfig.from_mapping(rc))
+    initial = fed.initial_arrays()
+    fed.run()
+    (rec,) = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
+    assert rec["nodes_replied"] == 3 and rec["nodes_rejected"] == 0
+    after = load_adapter_arrays(tmp_path / "out" / "round-1")
+    moved = max(float(np.max(np.abs(after[k] - initial[k]))) for k in after)
+    assert 0 < moved < 1.0  # FedAvg would move every value by 50 x 4 / 16 = 12.5
