@@ -193,6 +193,7 @@ def test_rogue_replies_are_dropped_counted_and_never_saved(
     assert sorted(m["node_id"] for m in rec["nodes"]) == [101, 102]
     assert rec["images"] == 12  # the honest nodes' 8 + 4, nothing claimed by a rogue
     printed = capsys.readouterr().out
+    assert f"nodes=2/{2 + len(ROGUES)} failed=0 rejected={len(ROGUES)} " in printed
     for node, kind in rogues.items():
         assert f"round 1: rejected the update of node {node}: {ROGUES[kind]}" in printed
     for reason in REASONS:
@@ -275,3 +276,16 @@ def test_trimmed_mean_in_the_round_loop_cuts_a_poisoner(tiny_model, tmp_path, sh
     after = load_adapter_arrays(tmp_path / "out" / "round-1")
     moved = max(float(np.max(np.abs(after[k] - initial[k]))) for k in after)
     assert 0 < moved < 1.0  # FedAvg would move every value by 50 x 4 / 16 = 12.5
+
+
+def test_the_progress_view_reads_rejections_from_the_round_line():
+    from fedsd.progress import Progress
+
+    p = Progress()
+    line = "fedsd round 1/2: train_loss=0.4000 nodes=2/13 failed=0 rejected=11 time=3.5s"
+    assert p.feed(line) == "round"
+    assert (p.replied, p.sampled, p.failed, p.rejected, p.round_seconds) == (2, 13, 0, 11, 3.5)
+    assert "nodes 2/13 (11 rejected)" in p.render()
+    old = Progress()  # a line without rejected= (an older ServerApp) still parses
+    assert old.feed("fedsd round 1/2: train_loss=n/a nodes=1/2 failed=1 time=8.0s epsilon=2")
+    assert (old.rejected, old.epsilon) == (0, 2.0)
