@@ -29,6 +29,7 @@ import numpy as np
 from fedsd.atomic import is_disk_full, remove_temporaries, write_dir, write_file
 from fedsd.config import RunConfig
 from fedsd.model import load_adapter_arrays, save_adapter
+from fedsd.validation import non_finite
 
 HISTORY = "history.json"
 # Settings that must not change when resuming: they define what the adapter is.
@@ -131,7 +132,18 @@ class RunDir:
         return load_adapter_arrays(d)
 
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], record: dict) -> None:
-        """Adapter to round-<n>/ and latest/, then the history record (the commit point)."""
+        """Adapter to round-<n>/ and latest/, then the history record (the commit point).
+
+        Refuses (ValueError, nothing written) an adapter holding NaN or Inf: it would
+        become ``latest/`` and the start of every resume.
+        """
+        bad = non_finite(arrays)
+        if bad:
+            raise ValueError(
+                f"refusing to write round {server_round}'s adapter to {self.root}: "
+                f"non-finite values in {', '.join(sorted(bad)[:3])}"
+                + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
+            )
         info = {"round": server_round, "model": self.cfg.model, "time": time.time()}
         rdir, latest = self.round_dir(server_round), self.root / "latest"
         self._guard(f"{rdir}", lambda: save_adapter(arrays, rdir, self.cfg, info))

@@ -43,6 +43,11 @@ class RunConfig:
     max_train_images: int = 0
     out_dir: str = "fedsd-out"
     round_timeout: float = 3600.0
+    # Reply validation (fedsd.validation) and the aggregation rule (fedsd.aggregation)
+    max_update_norm: float = 10_000.0
+    max_node_weight: float = 1_000_000.0
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # fedsd.privacy.PrivacyConfig, built from the privacy keys of the same mapping
     privacy: Any = field(default=None, compare=False)
@@ -133,6 +138,49 @@ class RunConfig:
         _require(self.max_train_images >= 0, "max-train-images", self.max_train_images, ">= 0")
         _require(self.out_dir.strip() != "", "out-dir", self.out_dir, "a directory path")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        _require(
+            math.isfinite(self.max_update_norm) and self.max_update_norm > 0,
+            "max-update-norm",
+            self.max_update_norm,
+            "a finite L2 norm > 0 (a node's update above it is rejected)",
+        )
+        _require(
+            math.isfinite(self.max_node_weight) and self.max_node_weight > 0,
+            "max-node-weight",
+            self.max_node_weight,
+            "a finite weight > 0 (a node's num-examples above it is rejected)",
+        )
+        from fedsd.aggregation import AGGREGATIONS
+
+        _require(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            self.aggregation,
+            f"one of {', '.join(AGGREGATIONS)}",
+        )
+        _require(
+            0.0 <= self.trim_fraction < 0.5,
+            "trim-fraction",
+            self.trim_fraction,
+            "in [0, 0.5) (the share of nodes cut from each end per value)",
+        )
+        comps = self.privacy.components if self.privacy is not None else frozenset()
+        if self.aggregation != "fedavg":
+            _require(
+                "secagg" not in comps,
+                "aggregation",
+                self.aggregation,
+                f"'fedavg' with privacy={self.privacy.privacy!r}: under SecAgg+ the server "
+                "sees only the sum of the updates, so no robust rule can run; a node's "
+                "influence there is bounded by secagg-clipping-range x secagg-max-weight",
+            )
+            _require(
+                "dp-central" not in comps,
+                "aggregation",
+                self.aggregation,
+                f"'fedavg' with privacy={self.privacy.privacy!r}: the central noise is "
+                "calibrated to the mean's sensitivity (dp-central-clip / nodes)",
+            )
         if self.privacy is not None and "secagg" in self.privacy.components:
             _require(
                 self.min_nodes >= 2,

@@ -149,6 +149,11 @@ def _server() -> dict[str, Any]:
             ("run", "mechanism"),
             **last,
         ),
+        "rejected": Counter(
+            "fedsd_server_rejected_updates_total",
+            "Train replies dropped by the server's validation, by reason",
+            ("run", "reason"),
+        ),
     }
 
 
@@ -231,6 +236,10 @@ def record_run_start(
     m["round_timeout"].labels(run=run).set(round_timeout)
     m["progress_time"].labels(run=run).set(time.time() if when is None else when)
     m["failed"].labels(run=run).inc(0)  # the failure counter exists (0) before any failure
+    from fedsd.validation import REASONS
+
+    for reason in REASONS:  # and so does each rejection reason
+        m["rejected"].labels(run=run, reason=reason).inc(0)
     for mech, budget in (epsilon_budgets or {}).items():
         m["epsilon_budget"].labels(run=run, mechanism=mech).set(float(budget))
 
@@ -265,6 +274,12 @@ def record_round(run: str, record: Mapping[str, Any], when: float | None = None)
             worst[p["mechanism"]] = max(worst.get(p["mechanism"], 0.0), float(p["epsilon"]))
     for mech, eps in worst.items():
         m["max_epsilon"].labels(run=run, mechanism=mech).set(eps)
+
+
+def record_rejection(run: str, reason: str) -> None:
+    """A train reply the server dropped (``fedsd.validation.REASONS``)."""
+    if enabled():
+        _server()["rejected"].labels(run=run, reason=reason).inc()
 
 
 def record_val_loss(run: str, loss: float | None, rising_rounds: int | None = None) -> None:

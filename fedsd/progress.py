@@ -20,7 +20,7 @@ from typing import TextIO
 
 _ROUND = re.compile(
     r"fedsd round (\d+)/(\d+): train_loss=(\S+) nodes=(\d+)/(\d+) failed=(\d+) "
-    r"time=([0-9.]+)s(?: epsilon=(\S+))?"
+    r"(?:rejected=(\d+) )?time=([0-9.]+)s(?: epsilon=(\S+))?"
 )
 _VAL = re.compile(r"fedsd val_loss (?:round (\d+)|initial adapter[^:]*): (\S+) \((\d+) nodes\)")
 _ONLINE = re.compile(r"fedsd up: (\d+) SuperNode\(s\) online")
@@ -45,6 +45,7 @@ class Progress:
     sampled: int = 0
     replied: int = 0
     failed: int = 0
+    rejected: int = 0  # replies the server's validation dropped
     train_loss: float | None = None
     val_loss: float | None = None
     val_of: int | None = None  # which round's aggregate val_loss scores (0 = base model)
@@ -63,9 +64,10 @@ class Progress:
             self.train_loss = _num(m.group(3))
             self.replied, self.sampled = int(m.group(4)), int(m.group(5))
             self.failed = int(m.group(6))
-            self.round_seconds = float(m.group(7))
-            if m.group(8) is not None:
-                self.epsilon = _num(m.group(8))
+            self.rejected = int(m.group(7) or 0)
+            self.round_seconds = float(m.group(8))
+            if m.group(9) is not None:
+                self.epsilon = _num(m.group(9))
             self.status = "training"
             return "round"
         if m := _VAL.search(line):
@@ -102,6 +104,8 @@ class Progress:
             parts.append(f"nodes {self.replied}/{self.sampled}")
             if self.failed:
                 parts[-1] += f" ({self.failed} failed)"
+            if self.rejected:
+                parts[-1] += f" ({self.rejected} rejected)"
         elif self.nodes_online is not None:
             parts.append(f"nodes online {self.nodes_online}")
         if self.train_loss is not None:

@@ -27,11 +27,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from fedsd import metrics as prom
-from fedsd.aggregation import weighted_mean, weighted_metric
+from fedsd.aggregation import aggregate, weighted_metric
 from fedsd.checkpoint import DiskFullError, RunDir
 from fedsd.config import RunConfig
 from fedsd.payload import FLAT, pack, unpack
 from fedsd.secagg import pull_replies, send_and_receive
+from fedsd.validation import Limits, Rejected, check_reply, noise_norm_allowance, non_finite
 
 log = logging.getLogger("fedsd")
 app = ServerApp()
@@ -50,6 +51,10 @@ def main(grid: Grid, context: Context) -> None:
 
 class BudgetSpent(RuntimeError):
     """Every node of a round has spent its DP-SGD budget: the run ends early, cleanly."""
+
+
+class NonFiniteAggregate(RuntimeError):
+    """A round's aggregate holds NaN or Inf: the run ends, nothing of that round is saved."""
 
 
 def _say(text: str) -> None:
@@ -102,6 +107,9 @@ class Federation:
             except BudgetSpent as spent:
                 _say(str(spent))
                 break
+            except NonFiniteAggregate as bad:
+                _say(f"error: {bad}")
+                raise
             self.out.save_round(server_round, arrays, record)
             prom.record_round(self.out.run_key, record)
             prom.record_checkpoint(self.out.run_key, time.time())
@@ -110,8 +118,8 @@ class Federation:
                 f"round {server_round}/{cfg.num_server_rounds}: "
                 f"train_loss={_fmt(record['train_loss'])} "
                 f"nodes={record['nodes_replied']}/{record['nodes_sampled']} "
-                f"failed={record['nodes_failed']} time={record['seconds']:.1f}s"
-                + (f" epsilon={max(eps):.4g}" if eps else "")
+                f"failed={record['nodes_failed']} rejected={record['nodes_rejected']} "
+                f"time={record['seconds']:.1f}s" + (f" epsilon={max(eps):.4g}" if eps else "")
             )
             for line in privacy_lines(record):
                 _say(line)
@@ -140,8 +148,9 @@ class Federation:
         else:
             result = self.exchange(server_round, arrays, sampled, eval_of=server_round - 1)
         updates, node_metrics = result["updates"], result["nodes"]
+        rejected = int(result.get("rejected", 0))
         contributing = [(u, w) for u, w in updates if w > 0]
-        spent = [m for m in node_metrics if int(m.get("dp-budget-spent", 0))]
+        spent = [m for m in node_metrics if _num(m, "dp-budget-spent")]
         if updates and not contributing and len(spent) == len(updates):
             raise BudgetSpent(
                 f"round {server_round}: every node that replied has spent its DP-SGD budget "
@@ -154,12 +163,12 @@ class Federation:
             why = "; ".join(result.get("errors", [])[:5])
             raise RuntimeError(
                 f"round {server_round}: only {len(updates)} of {len(sampled)} sampled nodes "
-                f"replied with an update (min-nodes={cfg.min_nodes}); the global adapter is "
-                f"unchanged" + (f". Node errors: {why}" if why else "")
+                f"replied with an update ({rejected} rejected; min-nodes={cfg.min_nodes}); the "
+                f"global adapter is unchanged" + (f". Node errors: {why}" if why else "")
             )
         mean = result.get("mean")
         if mean is None:
-            mean = weighted_mean(contributing)
+            mean = aggregate(cfg.aggregation, contributing, cfg.trim_fraction)
         records = list(result.get("privacy", []))
         if "dp-central" in self.privacy.components:
             mean, central = self.central_noise(mean, len(contributing), server_round)
@@ -167,18 +176,28 @@ class Federation:
         new_arrays = dict(arrays)
         for k, v in mean.items():
             new_arrays[k] = (arrays[k].astype(np.float64) + v).astype(np.float32)
+        bad = non_finite(new_arrays)
+        if bad:
+            raise NonFiniteAggregate(
+                f"round {server_round}: the aggregate has non-finite values in {len(bad)} "
+                f"tensor(s) (e.g. {bad[0]}); nothing of this round is saved, the run ends "
+                f"and round {server_round - 1}'s adapter stays the latest"
+            )
         record = {
             "round": server_round,
             "train_loss": _none_if_nan(weighted_metric(result["losses"])),
             "val_loss": None,  # filled in by the next exchange, which evaluates this aggregate
             "nodes_sampled": len(sampled),
             "nodes_replied": len(updates),
-            "nodes_failed": len(sampled) - len(updates),
-            "images": int(sum(m.get("shard-images", 0) for m in node_metrics)),
+            "nodes_rejected": rejected,
+            "nodes_failed": max(0, len(sampled) - len(updates) - rejected),
+            "images": int(sum(_num(m, "shard-images") for m in node_metrics)),
             "bytes_sent": result["bytes_sent"],
             "bytes_received": result["bytes_received"],
             "seconds": time.perf_counter() - t0,
-            "max_node_train_seconds": max((m["train-seconds"] for m in node_metrics), default=0),
+            "max_node_train_seconds": max(
+                (_num(m, "train-seconds") for m in node_metrics), default=0
+            ),
             "nodes": node_metrics,
             "privacy": records,
         }
@@ -214,8 +233,10 @@ class Federation:
             "errors": [],
             "bytes_sent": bytes_sent,
             "bytes_received": 0,
+            "rejected": 0,
         }
         shapes = {k: arrays[k].shape for k in sent_keys}
+        limits = self.limits(sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values()))
         val = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -224,28 +245,48 @@ class Federation:
                 _say(f"round {server_round}: {kind} failed on node {node}: {reply.error.reason}")
                 out["errors"].append(f"node {node}: {reply.error.reason}")
                 continue
-            metrics = reply.content.metric_records["metrics"]
-            if "val-loss" in metrics:
-                val.append((float(metrics["val-loss"]), float(metrics["val-examples"])))
+            metrics = _metrics_of(reply)
+            pair = _val_pair(metrics)
+            if pair is not None:
+                val.append(pair)
             if kind != "train":
                 continue
-            weight = float(metrics["num-examples"])
+            flat, nbytes = _update_of(reply)
+            verdict = check_reply(flat, metrics, limits)
+            if isinstance(verdict, Rejected):
+                self.reject(server_round, node, verdict)
+                out["rejected"] += 1
+                continue
+            assert metrics is not None
             records = _node_records(reply.content.config_records.get("privacy", {}), node)
             out["privacy"] += records
-            out["nodes"].append({"node_id": node, **dict(metrics)})
+            out["nodes"].append({"node_id": node, **metrics})
             _say_budget_spent(server_round, node, metrics)
-            record = reply.content.array_records.get("update")
-            try:
-                update = unpack(record[FLAT].numpy(), shapes)
-            except (KeyError, TypeError, ValueError) as exc:
-                _say(f"round {server_round}: node {node} sent an unusable update ({exc}); ignored")
-                continue
-            out["bytes_received"] += record.count_bytes()
-            out["updates"].append((update, weight))
-            if weight > 0:
-                out["losses"].append((float(metrics["train-loss"]), weight))
+            out["bytes_received"] += nbytes
+            out["updates"].append((unpack(verdict.update, shapes), verdict.weight))
+            if verdict.weight > 0:
+                out["losses"].append((_num(metrics, "train-loss", math.nan), verdict.weight))
         self.record_val(eval_of, val)
         return out
+
+    def limits(self, length: int) -> Limits:
+        """This run's bounds for one update of ``length`` values."""
+        p = self.privacy
+        return Limits(
+            length=length,
+            max_norm=self.cfg.max_update_norm + noise_norm_allowance(p, length),
+            max_weight=self.cfg.max_node_weight,
+            local_epochs=self.cfg.local_epochs,
+            central_clip=float(p.dp_central_clip) if "dp-central" in p.components else None,
+        )
+
+    def reject(self, server_round: int, node: int, verdict: Rejected) -> None:
+        """Count and announce a dropped reply."""
+        prom.record_rejection(self.out.run_key, verdict.reason)
+        _say(
+            f"round {server_round}: rejected the update of node {node}: {verdict.reason} "
+            f"({verdict.detail})"
+        )
 
     def record_val(self, eval_of: int, val: list[tuple[float, float]]) -> None:
         """Store the validation loss of round ``eval_of``'s aggregate (0 = initial adapter)."""
@@ -319,15 +360,18 @@ class Federation:
             out["nodes"].append({"node_id": node, **metrics})
             out["updates"].append((None, float(weight)))
             _say_budget_spent(server_round, node, metrics)
-            val.append((float(metrics["val-loss"]), float(metrics["val-examples"])))
+            pair = _val_pair(metrics)
+            if pair is not None:
+                val.append(pair)
             if weight > 0:
-                out["losses"].append((float(metrics["train-loss"]), float(weight)))
+                out["losses"].append((_num(metrics, "train-loss", math.nan), float(weight)))
         for reply in evals:
             if reply.has_error():
                 out["errors"].append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
-            m = reply.content.metric_records["metrics"]
-            val.append((float(m["val-loss"]), float(m["val-examples"])))
+            pair = _val_pair(_metrics_of(reply))
+            if pair is not None:
+                val.append(pair)
         for err in out["errors"]:
             _say(f"round {server_round}: secagg: {err}")
         self.record_val(server_round - 1, val)
@@ -478,13 +522,66 @@ def _node_records(config: Any, node: int) -> list[dict[str, Any]]:
         records = json.loads(str(raw))
     except ValueError:
         return []
+    if not isinstance(records, list):
+        return []
+    records = [r for r in records if _sane_record(r)]  # a node's JSON is untrusted too
     for r in records:
         r["node_id"] = node
     return records
 
 
+def _sane_record(r: Any) -> bool:
+    """Whether a node's privacy record has the fields the log lines and metrics read."""
+
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, int | float) and not isinstance(x, bool))
+
+    return (
+        isinstance(r, dict)
+        and isinstance(r.get("mechanism"), str)
+        and r["mechanism"] != "secagg+"  # the server writes that record itself
+        and all(number(r.get(k)) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate"))
+        and (r.get("epsilon") is None or "delta" in r)
+    )
+
+
+def _num(metrics: Any, key: str, default: float = 0.0) -> float:
+    """A scalar metric as float; ``default`` when absent or not a number (a list)."""
+    x = metrics.get(key, default)
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else default
+
+
+def _metrics_of(reply: Message) -> dict[str, Any] | None:
+    """The reply's ``metrics`` record as a dict, None when it has none."""
+    records = reply.content.metric_records
+    return dict(records["metrics"]) if "metrics" in records else None
+
+
+_UNREADABLE = object()  # an update array that could not be decoded: check_reply's bad-type
+
+
+def _update_of(reply: Message) -> tuple[Any, int]:
+    """(the reply's flat update or None, its bytes); ``_UNREADABLE`` if undecodable."""
+    records = reply.content.array_records
+    if "update" not in records or FLAT not in records["update"]:
+        return None, 0
+    record = records["update"]
+    try:
+        return record[FLAT].numpy(), record.count_bytes()
+    except Exception:  # whatever bytes a node sent: it is refused, not a crash
+        return _UNREADABLE, 0
+
+
+def _val_pair(metrics: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(val-loss, val-examples) when the reply carries both as numbers."""
+    if metrics is None or "val-loss" not in metrics:
+        return None
+    loss, n = _num(metrics, "val-loss", math.nan), _num(metrics, "val-examples", math.nan)
+    return None if math.isnan(n) else (loss, n)
+
+
 def _say_budget_spent(server_round: int, node: int, metrics: Any) -> None:
-    if int(metrics.get("dp-budget-spent", 0)):
+    if _num(metrics, "dp-budget-spent"):
         _say(
             f"round {server_round}: node {node}: DP-SGD budget spent (dp-target-epsilon "
             "reached); it no longer trains and sends no update"

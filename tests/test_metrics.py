@@ -97,3 +97,9 @@ def test_federation_metrics_survive_processes_and_are_served(tiny_model, tmp_pat
     assert max(v for _, v in got["fedsd_server_max_epsilon"]) == max(eps.values())
     assert all(v > 0 for _, v in got["fedsd_server_val_loss"])
     assert total("fedsd_node_step_seconds_count") == 4  # one observation per round and node
+    # every rejection reason is exported from the run's start, at 0 for an honest run
+    from fedsd.validation import REASONS
+
+    rejected = got["fedsd_server_rejected_updates_total"]
+    assert {lab["reason"] for lab, _ in rejected} == set(REASONS)
+    assert total("fedsd_server_rejected_updates_total") == 0
