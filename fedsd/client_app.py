@@ -10,6 +10,10 @@ Messages carry ``adapter`` (the global LoRA tensors as one flat vector, see
 one, after the privacy mode's clipping and noise), ``metrics`` with ``num-examples`` (the
 FedAvg weight) and ``privacy`` (the node's privacy records as JSON).
 
+Before any handler (and any SecAgg+ stage), the ``node_policy`` mod checks the run
+against the data owner's privacy policy in the node config (``fedsd.node_policy``) and
+answers a run that breaks it with an error naming the rule.
+
 Under SecAgg+ the ServerApp runs Flower's ``SecAggPlusWorkflow``, whose messages use the
 legacy FitIns/FitRes layout; ``secaggplus_mod`` handles its key-exchange stages itself and
 calls the train handler only in the masked-vector stage, which then answers in FitRes

@@ -248,3 +248,17 @@ def test_privacy_report_lists_each_owner_once(tmp_path):
     line = f"data owner {'a' * 16} dp-sgd: epsilon 6.8 at delta 1e-05 this run (6 steps); "
     assert line + "lifetime epsilon 7.8 (9 steps)" in text
     assert "node 11" in text and "node 21" in text  # rows still say which node sent what
+
+
+def test_fedsd_up_node_config_is_parsed_and_checked_before_anything_starts():
+    from fedsd.config import ConfigError
+    from fedsd.deploy import _node_config_pairs, format_config_pairs
+
+    pairs = _node_config_pairs(["max-epsilon=8 require-privacy='secagg+dp-sample'"])
+    assert pairs == {"max-epsilon": 8, "require-privacy": "secagg+dp-sample"}
+    assert NodePolicy.from_node_config(pairs).max_epsilon == 8.0
+    assert format_config_pairs(pairs) == 'max-epsilon=8 require-privacy="secagg+dp-sample"'
+    with pytest.raises(ConfigError, match="require-privacy='dp-sgd': unknown component"):
+        _node_config_pairs("require-privacy='dp-sgd'")
+    with pytest.raises(ConfigError, match="cannot set shard-dir"):
+        _node_config_pairs("shard-dir='/elsewhere'")
