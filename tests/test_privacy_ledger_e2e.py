@@ -124,3 +124,25 @@ def test_ledger_follows_the_data_across_ups_and_a_wiped_one_is_refused(tiny_mode
     # the server still remembers the wiped owner's last honest figures
     remembered = json.loads((out / "privacy-ledgers.json").read_text())["owners"]
     assert remembered[wiped]["dp-sgd"]["steps"] == steps
+
+
+@pytest.mark.timeout(600)
+def test_node_policy_refuses_a_weaker_run_before_reading_any_image(tiny_model, tmp_path):
+    """`fedsd up --node-config "require-privacy='dp-sample'"` and a privacy=none run: every
+    node answers with the rule, the server names it, the run fails, and no node encoded
+    (i.e. read) an image."""
+    shards, out = make_shards(tmp_path), tmp_path / "out"
+    argv = [sys.executable, "-m", "fedsd.cli", "up", "--local", "--nodes", "2"]
+    argv += ["--rounds", "1", "--model", str(tiny_model), "--shards", str(shards)]
+    argv += ["--out", str(out), "--run-config", "resolution=64 round-timeout=120.0"]
+    argv += ["--node-config", "require-privacy='dp-sample'", "--no-metrics", "--timeout", "400"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=500)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0, said[-6000:]
+    rule = "node privacy policy refuses this run: require-privacy=dp-sample: "
+    assert f"{rule}the run's privacy=none lacks dp-sample" in said, said[-6000:]
+    caches = out / ".deploy" / "cache"
+    assert len(list(caches.iterdir())) == 2
+    assert not list(caches.rglob("latents-*")), list(caches.rglob("*"))
+    assert not (out / "round-1").exists()
