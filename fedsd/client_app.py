@@ -10,6 +10,10 @@ Messages carry ``adapter`` (the global LoRA tensors as one flat vector, see
 one, after the privacy mode's clipping and noise), ``metrics`` with ``num-examples`` (the
 FedAvg weight) and ``privacy`` (the node's privacy records as JSON).
 
+Before any handler (and any SecAgg+ stage), the ``node_policy`` mod checks the run
+against the data owner's privacy policy in the node config (``fedsd.node_policy``) and
+answers a run that breaks it with an error naming the rule.
+
 Under SecAgg+ the ServerApp runs Flower's ``SecAggPlusWorkflow``, whose messages use the
 legacy FitIns/FitRes layout; ``secaggplus_mod`` handles its key-exchange stages itself and
 calls the train handler only in the masked-vector stage, which then answers in FitRes
@@ -39,7 +43,51 @@ def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[secagg_when_asked])
+def node_policy(msg: Message, context: Context, call_next: Any) -> Message:
+    """The data owner's privacy policy (``fedsd.node_policy``), checked before anything
+    of the run happens on this node (handlers, SecAgg+ stages, any image read); a run
+    that breaks it gets an error reply naming the rule."""
+    from fedsd.node_policy import POLICY_KEYS
+
+    if msg.metadata.message_type not in ("train", "evaluate") or not any(
+        context.node_config.get(k) not in (None, "") for k in POLICY_KEYS
+    ):
+        return call_next(msg, context)
+    reason = policy_refusal(msg, context)
+    if reason is None:
+        return call_next(msg, context)
+    from flwr.app import Error
+
+    print(f"fedsd node: {reason}", flush=True)
+    return Message(Error(code=POLICY_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+POLICY_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the app refused
+
+
+def policy_refusal(msg: Message, context: Context) -> str | None:
+    """Why the node's policy refuses this message's run, or None."""
+    from fedsd.config import RunConfig
+    from fedsd.node_policy import NodePolicy, PolicyRefusal, listed_images
+    from fedsd.node_privacy import NodePrivacy, data_owner_id
+    from fedsd.task import NodeSettings
+
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    policy = NodePolicy.from_node_config(context.node_config)
+    config = msg.content.config_records.get("config") or {}
+    run_key = str(config.get("run-key", "default"))
+    privacy = NodePrivacy(cfg, node.cache_dir, run_key, data_owner_id(node.shard_dir))
+    try:
+        policy.check(
+            privacy, listed_images(node.shard_dir / "train"), int(config.get("server-round", 0))
+        )
+    except PolicyRefusal as exc:
+        return str(exc)
+    return None
+
+
+app = ClientApp(mods=[node_policy, secagg_when_asked])
 
 LEGACY_PARAMS = "fitins.parameters"
 
@@ -75,7 +123,8 @@ def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bo
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Score the global adapter, train on it (privately if asked), return the update."""
-    from fedsd.node_privacy import NodePrivacy, records_json
+    from fedsd.node_policy import NodePolicy
+    from fedsd.node_privacy import NodePrivacy, data_owner_id, records_json
     from fedsd.payload import pack
     from fedsd.training import train_images
 
@@ -83,10 +132,14 @@ def train(msg: Message, context: Context) -> Message:
     task, server_round, config, legacy = _setup(msg, context)
     val_loss, val_examples = task.evaluate()
     run_key = str(config.get("run-key", "default"))
-    privacy = NodePrivacy(task.cfg, task.node.cache_dir, run_key, context.node_id)
+    owner = data_owner_id(task.node.shard_dir)
+    privacy = NodePrivacy(task.cfg, task.node.cache_dir, run_key, owner)
     start = task.outgoing()
     data = task.encoded("train")
     n_train = train_images(data, task.cfg)
+    policy = NodePolicy.from_node_config(context.node_config)
+    if not policy.empty:  # again with the images actually readable, before training
+        policy.check(privacy, n_train, server_round)
     plan = privacy.plan_dp_sgd(n_train) if n_train else None
     records = []
     if plan is not None and plan.budget_spent:

@@ -1244,8 +1244,12 @@ def run_local(
     privacy: str | None = None,
     warm_apps: bool | None = None,
     metrics_port: int | None = None,
+    node_config: Mapping[str, Any] | str | Sequence[str] | None = None,
 ) -> int:
     """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
+
+    ``node_config`` (``--node-config``): pairs added to every SuperNode's node config, e.g.
+    the data owner's privacy policy (``fedsd.node_policy``); checked before anything starts.
 
     Raises ``ConfigError``/``ShardsError`` before any process starts when the run config or
     the shards are wrong. Anything failing later (a service dying, the ServerApp raising, a
@@ -1269,12 +1273,13 @@ def run_local(
     )
     if validate:
         check_privacy_for_nodes(RunConfig.from_mapping(effective), nodes)
+    extra_node = _node_config_pairs(node_config)
     shard_root = check_shards(shards, nodes) if shards is not None else None
     out_path = Path(out).expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir else out_path / ".deploy"
     node_configs = []
     for i in range(nodes):
-        config: dict[str, Any] = {"partition-id": i, "num-partitions": nodes}
+        config: dict[str, Any] = {**extra_node, "partition-id": i, "num-partitions": nodes}
         if shard_root is not None:
             config["shard-dir"] = str(shard_root / f"shard-{i}")
         config["cache-dir"] = str(work / "cache" / f"node-{i}")
@@ -1321,6 +1326,25 @@ def run_local(
         return result.exit_code
 
 
+_RUNNER_NODE_KEYS = ("partition-id", "num-partitions", "shard-dir", "cache-dir")
+
+
+def _node_config_pairs(items: Mapping[str, Any] | str | Sequence[str] | None) -> dict[str, Any]:
+    """``--node-config`` for every node: parsed, its privacy policy validated; the keys
+    ``fedsd up`` sets per node are refused (they would give every node the same shard)."""
+    from fedsd.node_policy import NodePolicy
+
+    pairs = dict(items) if isinstance(items, Mapping) else parse_run_config(items)
+    taken = sorted(set(pairs) & set(_RUNNER_NODE_KEYS))
+    if taken:
+        raise ConfigError(f"--node-config cannot set {', '.join(taken)}: fedsd up sets them")
+    try:
+        NodePolicy.from_node_config(pairs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return pairs
+
+
 def _report_logs(deployment: LocalDeployment, stream: StreamFn) -> None:
     tails = deployment.log_tails()
     if tails:
@@ -1357,6 +1381,7 @@ def run_local_from_args(args: argparse.Namespace) -> int:
             port=args.port,
             stream=view,
             timeout=args.timeout,
+            node_config=args.node_config,
         )
     except (ConfigError, FileNotFoundError, DeployError) as exc:
         print(f"fedsd up: error: {exc}", file=err)

@@ -53,6 +53,14 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable)",
     )
     parser.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="node-config pairs for every SuperNode (local mode), e.g. the data owner's "
+        "privacy policy \"max-epsilon=8 require-privacy='dp-sample'\" (repeatable)",
+    )
+    parser.add_argument(
         "--work-dir",
         default=None,
         help="certificates, SuperLink state, Flower home and service logs (default OUT/.deploy)",

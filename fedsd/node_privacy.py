@@ -7,13 +7,23 @@ planned for the whole run and whose accountant lives on the node's disk; (2) the
 ``secagg`` the released update must fit SecAgg+'s clipping range, or the node refuses to
 send it rather than let SecAgg+ clip it silently.
 
-The ledgers live in ``<cache-dir>/privacy/<run-key>/node-<id>/``: the run key comes from the
-server's ``history.json``, so a resumed run keeps accumulating while a new run starts
-from zero. Nothing sent to the server reveals the update's norm.
+The ledgers belong to the data, not to the node or the run: DP protects the images of a
+shard, so what matters is everything those images were ever trained on. They live in
+``<cache-dir>/privacy/owner-<owner>/runs/<run-key>/`` (``dp-sgd.json``, ``output.json``),
+where ``owner`` is :func:`data_owner_id` of the shard: a digest of its train split's
+``metadata.jsonl`` (which images, with which prompts). The node's key and Flower's node
+id do not enter: a re-enrolled node, a lost SuperLink state (new node ids), a container
+restart or a new run on the same shard all find the same ledger, and two nodes serving
+the same shard share (and add up) one ledger. A run's share is its own directory (the
+run key comes from the server's ``history.json``, so a resumed run keeps adding to it);
+the lifetime figures compose every run's directory. Adding or removing images changes
+the owner id, i.e. starts a new ledger: keep the old shard's ledger in mind (or keep
+the shard). Nothing sent to the server reveals the update's norm.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +41,8 @@ from fedsd.privacy import (
     check_secagg_values,
     check_secagg_weight,
     clip_update,
+    compose_releases,
+    history_epsilon,
     noise_multiplier_for,
     noise_rng,
     planned_steps,
@@ -51,17 +63,43 @@ class DpSgdPlan:
     epsilon_so_far: float
 
 
-class NodePrivacy:
-    """One node's privacy state for one run."""
+def data_owner_id(shard_dir: str | Path) -> str:
+    """The data owner's ledger key: 16 hex digits of SHA-256 over the shard's
+    ``train/metadata.jsonl``.
 
-    def __init__(self, cfg: RunConfig, cache_dir: Path, run_key: str, node_id: int) -> None:
-        """Ledgers under ``cache_dir/privacy/<run_key>/node-<node_id>`` (a cache directory
-        may be shared by several nodes)."""
-        if not run_key or "/" in run_key or run_key.startswith("."):
-            raise ValueError(f"invalid run key {run_key!r} from the server")
+    Content only (no file times, unlike the latent cache's ``split_fingerprint``), so a
+    copied or restored shard keeps its ledger; read without decoding any image.
+    """
+    raw = (Path(shard_dir) / "train" / "metadata.jsonl").read_bytes()
+    return hashlib.sha256(b"fedsd-data-owner/1\0" + raw).hexdigest()[:16]
+
+
+class NodePrivacy:
+    """One data owner's privacy state, seen from one run."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: Path, run_key: str, owner: str | int) -> None:
+        """Ledgers under ``cache_dir/privacy/owner-<owner>/runs/<run_key>``."""
+        owner = str(owner)
+        for what, name in (("run key", run_key), ("data owner id", owner)):
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"invalid {what} {name!r}")
         self.cfg = cfg
         self.p = cfg.privacy
-        self.dir = Path(cache_dir) / "privacy" / run_key / f"node-{int(node_id)}"
+        self.owner = owner
+        self.root = Path(cache_dir) / "privacy" / f"owner-{owner}"
+        self.dir = self.root / "runs" / run_key
+
+    def _run_dirs(self) -> list[Path]:
+        runs = self.root / "runs"
+        return sorted(d for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
+
+    def lifetime_dp_sgd(self) -> list[tuple[float, float, int]]:
+        """Every run's DP-SGD history on this shard (Opacus ``RDPAccountant.history`` shape)."""
+        return [h for d in self._run_dirs() for h in NodeAccountant(d / "dp-sgd.json").history]
+
+    def lifetime_releases(self) -> list[dict[str, Any]]:
+        """Every run's output-DP releases of this shard."""
+        return [r for d in self._run_dirs() for r in OutputLedger(d / "output.json").releases]
 
     @property
     def components(self) -> frozenset[str]:
@@ -111,7 +149,7 @@ class NodePrivacy:
         return sigma
 
     def accountant(self) -> NodeAccountant:
-        """The node's cumulative DP-SGD accountant for this run."""
+        """This run's share of the shard's DP-SGD accountant (cumulative over its rounds)."""
         return NodeAccountant(self.dir / "dp-sgd.json")
 
     def dp_sgd_record(
@@ -119,8 +157,11 @@ class NodePrivacy:
     ) -> PrivacyRecord:
         """Add this round's Opacus history to the accountant; the cumulative record."""
         acc = self.accountant()
+        prior = self.lifetime_dp_sgd()
         if history:
             acc.extend(history)
+        lifetime = self.lifetime_dp_sgd()
+        delta = self.p.dp_delta
         return PrivacyRecord(
             mechanism="dp-sgd",
             noise_multiplier=plan.noise_multiplier,
@@ -136,6 +177,11 @@ class NodePrivacy:
                 "budget_spent": plan.budget_spent,
                 "steps_this_round": sum(s for _, _, s in history),
             },
+            owner=self.owner,
+            lifetime_steps=sum(st for _, _, st in lifetime),
+            lifetime_epsilon=history_epsilon(lifetime, delta),
+            prior_steps=sum(st for _, _, st in prior),
+            prior_epsilon=history_epsilon(prior, delta),
         )
 
     # -- the update -----------------------------------------------------------------------
@@ -155,9 +201,11 @@ class NodePrivacy:
                 p.dp_output_delta,
                 noise_rng(),
             )
+            prior = compose_releases(self.lifetime_releases())
             ledger = OutputLedger(self.dir / "output.json")
             ledger.record(server_round, report)
             budget = ledger.composed()
+            lifetime = compose_releases(self.lifetime_releases())
             records.append(
                 PrivacyRecord(
                     mechanism=f"output-{report.mechanism}",
@@ -176,7 +224,13 @@ class NodePrivacy:
                         "composition": budget.method,
                         "basic_epsilon": budget.basic_epsilon,
                         "rdp_epsilon": budget.rdp_epsilon,
+                        "lifetime_delta": lifetime.delta,
                     },
+                    owner=self.owner,
+                    lifetime_steps=lifetime.rounds,
+                    lifetime_epsilon=lifetime.epsilon,
+                    prior_steps=prior.rounds,
+                    prior_epsilon=prior.epsilon,
                 )
             )
         if "dp-central" in comps:

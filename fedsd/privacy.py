@@ -1159,12 +1159,27 @@ class PrivacyRecord:
     node_id: int | None = None
     round: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The data owner's ledger (``fedsd.node_privacy``): whose shard, and what everything
+    # that shard was ever trained on has spent with this mechanism (``steps``/``epsilon``
+    # above are this run's share). ``prior_*``: the same before this message, which the
+    # server compares with what the owner reported last (a wiped ledger goes backwards).
+    owner: str | None = None
+    lifetime_steps: int | None = None
+    lifetime_epsilon: float | None = None
+    prior_steps: int | None = None
+    prior_epsilon: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON (infinite epsilon stays ``inf``: no guarantee)."""
         out = dataclasses.asdict(self)
         out["extra"] = dict(self.extra)
+        for key in _LEDGER_FIELDS:  # only records of a data owner's ledger carry them
+            if out[key] is None:
+                del out[key]
         return out
+
+
+_LEDGER_FIELDS = ("owner", "lifetime_steps", "lifetime_epsilon", "prior_steps", "prior_epsilon")
 
 
 def secagg_error_bound(weights: Iterable[float], cfg: PrivacyConfig, max_abs: float) -> float:
@@ -1233,18 +1248,24 @@ class OutputLedger:
 
     def composed(self) -> ComposedBudget:
         """The cumulative budget of all releases (they share one mechanism and setting)."""
-        if not self.releases:
-            return ComposedBudget(0.0, 0.0, "basic", 0, 0.0, 0.0)
-        settings = {(r["mechanism"], r["epsilon"], r["delta"]) for r in self.releases}
-        if len(settings) != 1:  # a changed setting mid-run: basic composition of each
-            eps = sum(r["epsilon"] for r in self.releases)
-            delta = sum(r["delta"] for r in self.releases)
-            return ComposedBudget(eps, delta, "basic", len(self.releases), eps, None)
-        first = self.releases[0]
-        return compose_rounds(
-            first["mechanism"],
-            first["epsilon"],
-            first["delta"],
-            len(self.releases),
-            first["noise_multiplier"],
-        )
+        return compose_releases(self.releases)
+
+
+def compose_releases(releases: list[dict[str, Any]]) -> ComposedBudget:
+    """The budget of output-DP releases (``OutputLedger`` entries): RDP or basic composition
+    when they share one setting, basic composition of each otherwise."""
+    if not releases:
+        return ComposedBudget(0.0, 0.0, "basic", 0, 0.0, 0.0)
+    settings = {(r["mechanism"], r["epsilon"], r["delta"]) for r in releases}
+    if len(settings) != 1:  # a changed setting (mid-run, or across runs of one shard)
+        eps = sum(r["epsilon"] for r in releases)
+        delta = sum(r["delta"] for r in releases)
+        return ComposedBudget(eps, delta, "basic", len(releases), eps, None)
+    first = releases[0]
+    return compose_rounds(
+        first["mechanism"],
+        first["epsilon"],
+        first["delta"],
+        len(releases),
+        first["noise_multiplier"],
+    )

@@ -2,7 +2,11 @@
 
 Reads ``OUT/history.json`` only (no torch, no Flower), so it works on any machine that
 has the run's output: one row per record (mechanism, noise multiplier, clip, sample
-rate, cumulative steps, cumulative epsilon and delta), then each node's final budget.
+rate, cumulative steps, cumulative epsilon and delta), then each data owner's final
+budget, once per owner and mechanism: this run's epsilon and, beside it, the lifetime
+epsilon of everything the owner's shard was trained on (``fedsd.node_privacy``). Owners
+are named by their shard's id (16 hex digits); Flower's node ids change whenever the
+SuperLink's state does, so they only label the rows.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ COLUMNS = ("round", "who", "mechanism", "noise_mult", "clip", "sample_rate", "st
 
 def load_report(out_dir: str | Path) -> dict[str, Any]:
     """The run's privacy mode and settings, every record (tagged with its round), and the
-    last record per (node, mechanism): the budget spent by the end of the run."""
+    last record per (data owner, mechanism): the budget spent by the end of the run
+    (records without an owner, from older runs or the server, by node id)."""
     path = Path(out_dir) / "history.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {out_dir} a fedsd run directory?")
@@ -32,7 +37,8 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
             records.append({**rec, "round": r["round"]})
     final: dict[str, dict[str, Any]] = {}
     for rec in records:
-        final[f"{_who(rec)} {rec['mechanism']}"] = rec
+        who = f"data owner {rec['owner']}" if rec.get("owner") else _who(rec)
+        final[f"{who} {rec['mechanism']}"] = rec
     return {
         "out": str(Path(out_dir).resolve()),
         "privacy": config.get("privacy", "none"),
@@ -44,7 +50,8 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
 
 
 def _who(rec: dict[str, Any]) -> str:
-    return f"node {rec['node_id']}" if rec.get("node_id") is not None else "server"
+    node = f"node {rec['node_id']}" if rec.get("node_id") is not None else "server"
+    return f"{rec['owner']} ({node})" if rec.get("owner") else node
 
 
 def _cell(value: Any) -> str:
@@ -86,5 +93,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("by the end of the run (cumulative):")
     for key, rec in sorted(report["final"].items()):
         if rec.get("epsilon") is not None:
-            lines.append(f"  {key}: epsilon {_cell(rec['epsilon'])} at delta {rec['delta']:.3g}")
+            line = f"  {key}: epsilon {_cell(rec['epsilon'])} at delta {rec['delta']:.3g}"
+            if rec.get("lifetime_epsilon") is not None:
+                line += (
+                    f" this run ({_cell(rec.get('steps'))} steps); lifetime epsilon "
+                    f"{_cell(rec['lifetime_epsilon'])} ({_cell(rec.get('lifetime_steps'))} steps)"
+                )
+            lines.append(line)
     return "\n".join(lines)

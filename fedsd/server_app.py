@@ -30,6 +30,7 @@ from fedsd import metrics as prom
 from fedsd.aggregation import aggregate, weighted_metric
 from fedsd.checkpoint import DiskFullError, RunDir
 from fedsd.config import RunConfig
+from fedsd.owner_ledgers import OwnerLedgers
 from fedsd.payload import FLAT, pack, unpack
 from fedsd.secagg import pull_replies, send_and_receive
 from fedsd.validation import Limits, Rejected, check_reply, noise_norm_allowance, non_finite
@@ -72,6 +73,7 @@ class Federation:
         self.context = context
         self.out = RunDir.open(cfg)
         self.privacy = cfg.privacy
+        self.ledgers = OwnerLedgers(self.out.root)  # each data owner's last ledger figures
         for key in self.privacy.ignored_keys():
             _say(f"warning: {key} is set but privacy={self.privacy.privacy!r} does not use it")
 
@@ -259,6 +261,12 @@ class Federation:
                 continue
             assert metrics is not None
             records = _node_records(reply.content.config_records.get("privacy", {}), node)
+            backwards = self.ledgers.backwards(records)
+            if backwards:  # a wiped ledger: its epsilon restarted from zero
+                _say(f"round {server_round}: node {node}: update refused: {backwards}")
+                out["errors"].append(f"node {node}: {backwards}")
+                continue
+            self.ledgers.remember(records, server_round)
             out["privacy"] += records
             out["nodes"].append({"node_id": node, **metrics})
             _say_budget_spent(server_round, node, metrics)
@@ -611,6 +619,11 @@ def privacy_lines(record: dict[str, Any]) -> list[str]:
         if p.get("sample_rate") is not None:
             parts.append(f"sample_rate={p['sample_rate']:.4g}")
         parts.append(f"steps={p.get('steps')}")
+        if p.get("lifetime_epsilon") is not None:  # everything the owner's shard spent
+            parts.append(
+                f"| data owner {p['owner']}: lifetime epsilon={p['lifetime_epsilon']:.4g} "
+                f"steps={p['lifetime_steps']}"
+            )
         lines.append(f"{head} (cumulative): " + " ".join(parts))
     return lines
 

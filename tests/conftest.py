@@ -49,6 +49,7 @@ SLOWEST_FIRST = [
     "test_k8s.py",  # the manifests' pods as a federation: ~3 min
     "test_privacy_e2e_secagg.py",
     "test_privacy_e2e_dp.py",
+    "test_privacy_ledger_e2e.py",  # three `fedsd up` on one OUT: ~3.5 min
     "test_secagg_dropout.py",
     "test_e2e.py",
     "test_observability.py",
