@@ -47,6 +47,7 @@ def bare_app_dir() -> Path:
 SLOWEST_FIRST = [
     "test_containers.py",  # image builds and a compose run through podman: ~12 min cold
     "test_k8s.py",  # the manifests' pods as a federation: ~3 min
+    "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT: ~3.5 min
     "test_privacy_e2e_secagg.py",
     "test_privacy_e2e_dp.py",
     "test_privacy_ledger_e2e.py",  # three `fedsd up` on one OUT: ~3.5 min
