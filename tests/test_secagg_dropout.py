@@ -60,7 +60,7 @@ def test_round_completes_without_the_killed_node(tiny_model, tmp_path):
     ) as dep:
         dep.start()
         res = dep.submit(app, overrides, timeout=400)
-    assert killed, "the masked-vector stage was never announced"
+    assert killed, "the masked-vector stage was never announced:\n" + "\n".join(lines[-60:])
     assert res.exit_code == 0, "\n".join(lines[-60:])
     (r,) = json.loads((out / "history.json").read_text())["rounds"]
     assert r["nodes_sampled"] == 3 and r["nodes_replied"] == 2 and r["nodes_failed"] == 1
