@@ -514,6 +514,11 @@ class Federation:
                 message_type=message_type,
                 dst_node_id=node_id,
                 group_id=str(server_round),
+                # The message lives as long as the round: a node that was hung past the
+                # deadline does not start stale work when it wakes, and its late reply is
+                # refused by the SuperLink (replies are also pulled by message id, so one
+                # could never land in a later round anyway).
+                ttl=self.cfg.round_timeout,
             )
             for node_id, message_type in targets
         ]
