@@ -16,18 +16,25 @@ Settings (environment; defaults in brackets):
                           see it [app default]
     FEDSD_OUT_DIR         out-dir as the ServerApp container sees it [/out]
     FEDSD_RUN_CONFIG      more run-config pairs, e.g. "resolution=64 local-epochs=2"
-    FEDSD_TIMEOUT         seconds before giving up on the run [none]
+    FEDSD_TIMEOUT         seconds before giving up on the run [none]; then the run is stopped
     FEDSD_APP_DIR         the Flower app to submit [/app]
 
 The values are checked (fedsd.config) before anything is submitted. ``flwr run --stream``
 exits 0 even when the ServerApp fails, so the verdict comes from ``flwr ls --run-id``, as
 in ``fedsd up`` (both use fedsd.deploy.LocalDeployment for the flwr calls).
+
+Giving up never leaves the run going: on ``FEDSD_TIMEOUT``, or on SIGTERM/SIGINT/SIGHUP
+(``docker compose stop``, a deleted Kubernetes Job), the launcher runs ``flwr stop RUN_ID``,
+reads the run's status back (``flwr ls``), prints it and exits non-zero unless the run
+ended ``finished:completed`` after all (124 on the timeout, 128+N on signal N).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import ssl
 import sys
 import tempfile
@@ -35,11 +42,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import FrameType
 
 from fedsd.certs import NodeKey
 from fedsd.config import ConfigError, RunConfig
 from fedsd.deploy import (
     CONNECTION,
+    EXIT_TIMEOUT,
     DeployError,
     LocalDeployment,
     build_run_config,
@@ -48,9 +57,58 @@ from fedsd.deploy import (
     parse_run_config,
 )
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What `flwr run` prints once the SuperLink accepted the run (as in fedsd.deploy).
+RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+
 
 def log(message: str) -> None:
     print(f"fedsd launch: {message}", flush=True)
+
+
+class Stopped(BaseException):
+    """Raised from the signal handler so that the launcher stops the run before exiting
+    (a BaseException: nothing on the way catches it as an error)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+def stop_run(
+    deployment: LocalDeployment, run_id: str, why: str, *, settle: float = 30.0
+) -> str | None:
+    """``flwr stop RUN_ID``, then the status the SuperLink reports for the run (polled for
+    up to ``settle`` seconds until it is ``finished:*``). Signals are ignored meanwhile, so
+    a second SIGTERM cannot leave the run going half-way through."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        log(f"giving up ({why}): stopping run {run_id}")
+        try:
+            res = deployment.flwr("stop", str(run_id), CONNECTION)
+            if res.returncode != 0:
+                log(f"`flwr stop {run_id}` exited with {res.returncode}: {res.stdout}{res.stderr}")
+        except DeployError as exc:
+            log(f"error: {exc}")
+        deadline = time.monotonic() + settle
+        status: str | None = None
+        while True:
+            try:
+                status, _ = deployment.run_status(run_id)
+            except DeployError as exc:
+                log(f"error: {exc}")
+            if (status and status.startswith("finished")) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        log(f"run {run_id} stopped: status {status or 'unknown'}")
+        return status
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def wait_healthy(address: str, ca: Path, timeout: float) -> None:
@@ -112,7 +170,34 @@ def run(deployment: LocalDeployment, app: Path, nodes: int) -> int:
         log(f"error: {exc}")
         return 2
     log(f"submitting {app} with --run-config {format_config_pairs(overrides)}")
-    result = deployment.submit(app, overrides, timeout=timeout)
+    started: list[str] = []
+    relay = deployment.stream
+
+    def stream(line: str) -> None:
+        if not started and (m := RUN_ID_RE.search(line)):
+            started.append(m.group(1))
+        relay(line)
+
+    deployment.stream = stream
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    try:
+        result = deployment.submit(app, overrides, timeout=timeout)
+    except Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        if not started:
+            log(f"{name}: no run was started")
+            return 128 + stopped.signum
+        status = stop_run(deployment, started[0], name)
+        return 0 if status == "finished:completed" else 128 + stopped.signum
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if result.exit_code == EXIT_TIMEOUT:
+        if result.run_id is None:
+            log(f"no run started within FEDSD_TIMEOUT={timeout:g}s")
+            return EXIT_TIMEOUT
+        status = stop_run(deployment, result.run_id, f"FEDSD_TIMEOUT={timeout:g}s")
+        return 0 if status == "finished:completed" else EXIT_TIMEOUT
     if result.exit_code == 0:
         log(f"run {result.run_id} {result.status} in {result.seconds:.1f}s")
     else:

@@ -330,6 +330,7 @@ class Federation:
         flat = pack({k: arrays[k] for k in sent_keys})
         config = self.message_config(server_round, arrays)
         others = [n for n in sorted(self.grid.get_node_ids()) if n not in sampled]
+        pushed = time.monotonic()
         eval_ids, eval_bytes = (
             self.send([(n, "evaluate") for n in others], flat, config, server_round, push_only=True)
             if others
@@ -347,7 +348,10 @@ class Federation:
             self.cfg.round_timeout,
             _say,
         )
-        evals = pull_replies(self.grid, eval_ids, self.cfg.round_timeout)
+        # The evaluate replies had the whole secure round to arrive: wait only for what is
+        # left of their own deadline, so a hung node outside the sample adds nothing to it.
+        left = max(0.0, pushed + self.cfg.round_timeout - time.monotonic())
+        evals = pull_replies(self.grid, eval_ids, left)
         out: dict[str, Any] = {
             "updates": [],
             "losses": [],
@@ -506,7 +510,15 @@ class Federation:
         push_only: bool = False,
     ) -> tuple[list[Message], int]:
         """Send the same content to each (node, message type); return the replies and
-        the payload bytes sent (with ``push_only``, the pushed message ids instead)."""
+        the payload bytes sent (with ``push_only``, the pushed message ids instead).
+
+        Without ``push_only`` the messages live only as long as the round (``ttl`` =
+        round-timeout): a node that was hung past the deadline starts no stale work when
+        it wakes, and its late reply is refused by the SuperLink. Replies are pulled by
+        message id, so a late one could never be counted in a later round anyway. Pushed
+        evaluate messages of a SecAgg+ round keep Flower's default lifetime: they are
+        pulled after the secure round, which may outlast one round-timeout.
+        """
         record = ArrayRecord(array_dict={FLAT: Array(flat)})
         messages = [
             Message(
@@ -514,6 +526,7 @@ class Federation:
                 message_type=message_type,
                 dst_node_id=node_id,
                 group_id=str(server_round),
+                ttl=None if push_only else self.cfg.round_timeout,
             )
             for node_id, message_type in targets
         ]
