@@ -1228,7 +1228,7 @@ class LocalDeployment:
         reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
         reader.start()
         run_id: str | None = None
-        watch = _AppWatch(self)
+        watch = _AppWatch(self, self.restarts.get("superlink", 0))
         try:
             with run_log.open("a", encoding="utf-8") as log:
                 while not watch.lost():
@@ -1250,7 +1250,8 @@ class LocalDeployment:
                         return RunResult(EXIT_TIMEOUT, run_id, "timeout", None, timeout or 0)
                     self.supervise()
             if proc.poll() is None and not watch.seen:
-                proc.wait(timeout=30)  # the stream ended: the CLI exits
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)  # the stream ended: the CLI exits
         finally:
             stop_services([cli], grace=2.0)
             reader.join(timeout=2)
@@ -1291,7 +1292,7 @@ class LocalDeployment:
         be failed by the SuperLink after two missed heartbeats (60 s); it is stopped here
         instead and reported as ``lost``, which ``fedsd up`` resubmits.
         """
-        watch = watch if watch is not None else _AppWatch(self)
+        watch = watch if watch is not None else _AppWatch(self, self.restarts.get("superlink", 0))
         settle = time.monotonic() + 30  # without a status at all (no link), give up then
         while True:
             self.supervise()
@@ -1302,8 +1303,9 @@ class LocalDeployment:
             if status and status.startswith("finished"):
                 return status, details
             if watch.lost(force=True):
-                with contextlib.suppress(DeployError):
-                    self.flwr("stop", str(run_id), CONNECTION, timeout=30)
+                self._abandon(run_id)
+                if watch.link_restarted():
+                    return "lost", "the SuperLink was restarted while the run was in flight"
                 return "lost", "the ServerApp process died before the run finished"
             now = time.monotonic()
             if status:
@@ -1311,6 +1313,21 @@ class LocalDeployment:
             if now > settle or (deadline is not None and now > deadline):
                 return status, details
             time.sleep(1.0)
+
+    def _abandon(self, run_id: str) -> None:
+        """Stop a lost run and make sure its ServerApp is gone before a resubmission
+        resumes from the same OUT (two ServerApps must never write it)."""
+        with contextlib.suppress(DeployError):
+            self.flwr("stop", str(run_id), CONNECTION, timeout=30)
+        deadline = time.monotonic() + 20
+        while (pids := self.serverapp_pids()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.serverapp_pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)  # the warm-start shim relays SIGTERM to the ServerApp
+            if pids and sig == signal.SIGTERM:
+                time.sleep(5)
 
     def stop(self) -> None:
         """Stop every service (and its ServerApp/ClientApp processes)."""
@@ -1356,14 +1373,25 @@ class _AppWatch:
     """Tells when the ServerApp process of the submitted run is gone: seen alive once (or
     never seen after ``patience``), then no ``flwr-serverapp`` process for ``patience``."""
 
-    def __init__(self, deployment: LocalDeployment, patience: float = 5.0) -> None:
+    def __init__(
+        self, deployment: LocalDeployment, link_restarts: int = 0, patience: float = 5.0
+    ) -> None:
         self.deployment = deployment
+        self.link_restarts = link_restarts
         self.patience = patience
         self.seen = False
         self.since = time.monotonic()  # last time it was alive (or the watch started)
         self._checked = 0.0
 
+    def link_restarted(self) -> bool:
+        """Messages of the round in flight may be gone with a restarted SuperLink, and the
+        ServerApp would wait for their replies until round-timeout: the run counts as lost
+        (resubmitted, resuming after the last saved round)."""
+        return self.deployment.restarts.get("superlink", 0) > self.link_restarts
+
     def lost(self, *, force: bool = False) -> bool:
+        if self.link_restarted():
+            return True
         now = time.monotonic()
         if not force and now - self._checked < 1.0:
             return False

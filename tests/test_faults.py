@@ -41,15 +41,18 @@ class Fault:
     nodes: int
     out: Path
     lines: list[str] = field(default_factory=list)
-    killed_at: float | None = None
+    killed_at: float | None = None  # unix time
     killed_pid: int | None = None
-    rounds_done: dict[int, float] = field(default_factory=dict)  # round -> monotonic time
     code: int | None = None
 
     @property
     def recovery(self) -> float | None:
-        """Seconds from the kill to the next round saved."""
-        after = [t for t in self.rounds_done.values() if self.killed_at and t > self.killed_at]
+        """Seconds from the kill to the next round saved (each round's adapter records the
+        wall-clock time it was saved)."""
+        saved = [
+            json.loads(p.read_text())["time"] for p in self.out.glob("round-*/fedsd_adapter.json")
+        ]
+        after = [t for t in saved if self.killed_at and t > self.killed_at]
         return min(after) - self.killed_at if after and self.killed_at else None
 
 
@@ -89,14 +92,13 @@ def _run(fault: Fault, tiny_model: Path, shards: Path) -> None:
     try:
         for line in proc.stdout:
             fault.lines.append(line)
-            if m := ROUND_DONE.search(line):
-                fault.rounds_done.setdefault(int(m.group(1)), time.monotonic())
-                if int(m.group(1)) == 1 and fault.killed_at is None:
-                    time.sleep(1.0)  # round 2 is in flight
-                    pid = _victim(fault)
-                    if pid is not None:
-                        os.kill(pid, signal.SIGKILL)
-                        fault.killed_pid, fault.killed_at = pid, time.monotonic()
+            m = ROUND_DONE.search(line)
+            if m and int(m.group(1)) == 1 and fault.killed_at is None:
+                time.sleep(1.0)  # round 2 is in flight
+                pid = _victim(fault)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    fault.killed_pid, fault.killed_at = pid, time.time()
         fault.code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -131,7 +133,7 @@ def test_killed_supernode_superlink_and_serverapp_runs_finish(tiny_model, tmp_pa
         t.join(timeout=600)
     report = []
     for fault in faults:  # the measurements first, so that a failure still shows them
-        print(f"{fault.name}: exit {fault.code}, next round saved {fault.recovery}s after the kill")
+        print(f"{fault.name}: exit {fault.code}; next round saved {fault.recovery}s after the kill")
     for fault in faults:
         said = "".join(fault.lines[-80:])
         assert fault.killed_at is not None, f"{fault.name}: never killed\n{said}"
@@ -153,3 +155,39 @@ def test_killed_supernode_superlink_and_serverapp_runs_finish(tiny_model, tmp_pa
             assert "resubmitting" in text and "resuming after round" in text, said
         report.append(f"{fault.name}: next round saved {fault.recovery:.1f}s after the kill")
     print("\n".join(report))
+    (tmp_path / "recovery.txt").write_text("\n".join(report) + "\n")
+
+
+def test_resubmit_only_runs_lost_not_failed_by_the_app():
+    from fedsd.deploy import RunResult, resubmittable
+
+    app_failed = RunResult(1, "7", "finished:failed", "ServerApp failed with exception: x")
+    assert resubmittable(RunResult(1, "7", "lost", "the ServerApp process died"))
+    assert not resubmittable(app_failed)  # bad config, too few nodes, budget, disk full
+    assert resubmittable(app_failed, services_restarted=True)  # raised as the link died
+    assert resubmittable(RunResult(1, "7", "finished:failed", "Task failed because ..."))
+    assert not resubmittable(RunResult(1, "7", "finished:stopped", None))
+    assert not resubmittable(RunResult(124, "7", "timeout", None))
+    assert not resubmittable(RunResult(1, None, "not-submitted", None))
+
+
+def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path):
+    """A service that keeps dying is restarted ``max_restarts`` times, each restart logged,
+    then the deployment gives up naming it and the limit."""
+    from fedsd.deploy import DeployError, LocalDeployment, RestartPolicy
+
+    said: list[str] = []
+    policy = RestartPolicy(max_restarts=2, backoff=0.1, max_backoff=0.2)
+    assert [policy.delay(n) for n in range(3)] == [0.1, 0.2, 0.2]
+    dep = LocalDeployment(tmp_path / "w", 1, stream=said.append, restart=policy)
+    try:
+        dep._start("flaky", [sys.executable, "-c", "raise SystemExit(3)"])
+        deadline = time.monotonic() + 60
+        with pytest.raises(DeployError, match=r"flaky exited with status 3 after 2 restart"):
+            while time.monotonic() < deadline:
+                dep.supervise()
+                time.sleep(0.05)
+        assert dep.restarts == {"flaky": 2}
+        assert sum("restarted flaky" in line for line in said) == 2, said
+    finally:
+        dep.stop()
