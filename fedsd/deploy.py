@@ -1108,7 +1108,7 @@ class LocalDeployment:
                 # 305): retried every 2 s inside that window, not counted as restarts.
                 self._due[name] = now + 2.0
                 continue
-            if count >= self.restart.max_restarts:
+            if count >= self.restart.max_restarts and not refused:
                 self._due.pop(name, None)
                 raise DeployError(
                     f"{name} exited with status {code} after {count} restart(s), the limit "
