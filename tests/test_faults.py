@@ -179,7 +179,12 @@ def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path):
     said: list[str] = []
     policy = RestartPolicy(max_restarts=2, backoff=0.1, max_backoff=0.2)
     assert [policy.delay(n) for n in range(3)] == [0.1, 0.2, 0.2]
-    dep = LocalDeployment(tmp_path / "w", 1, stream=said.append, restart=policy)
+    env = {"PYTHONPATH": str(REPO)}  # the recorder imports this checkout's fedsd
+    dep = LocalDeployment(
+        tmp_path / "w", 1, stream=said.append, restart=policy, metrics_port=1, extra_env=env
+    )
+    prom_dir = tmp_path / "w" / "metrics" / "metrics-serverapp"  # the ServerApp exporter's
+    prom_dir.mkdir(parents=True)
     try:
         dep._start("flaky", [sys.executable, "-c", "raise SystemExit(3)"])
         deadline = time.monotonic() + 60
@@ -189,5 +194,27 @@ def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path):
                 time.sleep(0.05)
         assert dep.restarts == {"flaky": 2}
         assert sum("restarted flaky" in line for line in said) == 2, said
+        for recorder in dep._recorders:
+            recorder.wait(timeout=60)
+        got = subprocess.run(
+            [sys.executable, "-c", _READ_RESTARTS, str(prom_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.stdout.strip() == "flaky 2.0", got.stdout + got.stderr
     finally:
         dep.stop()
+
+
+_READ_RESTARTS = """
+import sys
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+registry = CollectorRegistry()
+MultiProcessCollector(registry, path=sys.argv[1])
+for metric in registry.collect():
+    for sample in metric.samples:
+        if sample.name == "fedsd_service_restarts_total":
+            print(sample.labels["service"], sample.value)
+"""
