@@ -69,6 +69,7 @@ __all__ = [
     "DeployError",
     "LocalDeployment",
     "OutInUse",
+    "RestartPolicy",
     "RunResult",
     "Service",
     "ShardsError",
@@ -81,6 +82,7 @@ __all__ = [
     "hold_out_lock",
     "load_app_config",
     "parse_run_config",
+    "resubmittable",
     "run_local",
     "run_local_from_args",
     "start_service",
@@ -93,6 +95,9 @@ LOCALHOST = "127.0.0.1"
 DEFAULT_GRACE = 10.0
 DEFAULT_STARTUP_TIMEOUT = 90.0
 EXIT_TIMEOUT = 124
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_MAX_RESUBMITS = 3
+NODE_SESSION_SECONDS = 62.0  # Flower 1.41: HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL + 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -595,6 +600,22 @@ class RunResult:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """What the supervisor does when a service dies, as compose's ``restart:`` and a
+    Kubernetes pod do: restart it after ``backoff`` seconds, doubling per restart up to
+    ``max_backoff``; after ``max_restarts`` restarts of one service the run aborts.
+    ``max_restarts=0`` turns supervision off (a dead service ends the run at once)."""
+
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    backoff: float = 2.0
+    max_backoff: float = 60.0
+
+    def delay(self, restarts: int) -> float:
+        """Seconds to wait before restart number ``restarts + 1``."""
+        return min(self.max_backoff, self.backoff * 2.0**restarts)
+
+
 class LocalDeployment:
     """SuperLink + ServerApp SuperExec + N SuperNodes on 127.0.0.1; stopped on ``__exit__``.
 
@@ -616,6 +637,7 @@ class LocalDeployment:
         warm_apps: bool = False,
         metrics_port: int | None = None,
         superlink_probe_interval: float = 5.0,
+        restart: RestartPolicy | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -641,6 +663,13 @@ class LocalDeployment:
         # Prometheus: SuperLink exporter on metrics_port, ServerApp's on +1, node i's on +10+i
         self.metrics = MetricsPorts(metrics_port) if metrics_port is not None else None
         self.superlink_probe_interval = superlink_probe_interval
+        self.restart = restart if restart is not None else RestartPolicy()
+        self.restarts: dict[str, int] = {}  # service name -> restarts so far
+        self._envs: dict[str, dict[str, str]] = {}  # to restart a service as it was started
+        self._due: dict[str, float] = {}  # dead service -> when its restart is due
+        self._recorders: list[subprocess.Popen[bytes]] = []
+        self._session_until: dict[str, float] = {}  # node -> its old session surely expired
+        self._died: dict[str, float] = {}  # when a service awaiting restart was found dead
 
     # -- context manager ------------------------------------------------------------------
 
@@ -1030,7 +1059,7 @@ class LocalDeployment:
         count = len(nodes) if count is None else count
         deadline = time.monotonic() + timeout
         while True:
-            self.check_alive()
+            self.supervise()
             ids = {}
             for svc in nodes:
                 if m := _NODE_ID_RE.search(svc.log_since_start()):
@@ -1052,6 +1081,119 @@ class LocalDeployment:
                 raise DeployError(
                     f"{svc.name} exited with status {code}; log {svc.log_path}:\n{svc.log_tail()}"
                 )
+
+    def supervise(self) -> None:
+        """Restart what died, as compose's restart policy and Kubernetes would.
+
+        A dead service is restarted with its own argv and environment (a SuperNode with its
+        key, the SuperLink on the same port and state database, so the nodes' registrations
+        survive and they reconnect) once its backoff has passed; the run goes on meanwhile,
+        the ServerApp carrying on with the nodes it has. Raises ``DeployError`` once a
+        service died after its last allowed restart. The SuperLink comes first: the others
+        need it to start.
+        """
+        self._reap_recorders()
+        now = time.monotonic()
+        order = sorted(self.services, key=lambda n: n != "superlink")
+        for name in order:
+            svc = self.services[name]
+            code = svc.poll()
+            if code is None:
+                continue
+            count = self.restarts.get(name, 0)
+            refused = name.startswith("supernode") and now < self._session_until.get(name, 0)
+            if refused and name not in self._due:
+                # The SuperLink keeps a SIGKILLed node's session online until two heartbeats
+                # (2 x 30 s) are missed and refuses its key until then (ApiError 2004, exit
+                # 305): retried every 2 s inside that window, not counted as restarts.
+                self._due[name] = now + 2.0
+                continue
+            if count >= self.restart.max_restarts and not refused:
+                self._due.pop(name, None)
+                raise DeployError(
+                    f"{name} exited with status {code} after {count} restart(s), the limit "
+                    f"(--max-restarts {self.restart.max_restarts}); giving up. "
+                    f"Log {svc.log_path}:\n{svc.log_tail()}"
+                )
+            due = self._due.get(name)
+            if due is None:
+                delay = self.restart.delay(count)
+                self._died[name] = now
+                self._due[name] = now + delay
+                self._log(
+                    f"{name} (pid {svc.pid}) exited with status {code}; restart in {delay:g}s"
+                )
+                continue
+            if now >= due:
+                del self._due[name]
+                self._restart_service(svc, code, counted=not refused)
+
+    def _restart_service(self, svc: Service, code: int, *, counted: bool = True) -> None:
+        stop_services([svc], grace=2.0)  # what it spawned (a node's ClientApps) goes with it
+        name = svc.name
+        if counted:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if name.startswith("supernode"):
+                died = self._died.pop(name, time.monotonic())
+                self._session_until[name] = died + NODE_SESSION_SECONDS
+        new = start_service(
+            name,
+            svc.argv,
+            env=self._envs.get(name, self.env),
+            log_dir=self.log_dir,
+            cwd=self.work_dir,
+        )
+        self.services[name] = new
+        if not counted:
+            return
+        self._log(
+            f"restarted {name} (pid {new.pid}; restart {self.restarts[name]}/"
+            f"{self.restart.max_restarts}; it had exited with status {code})"
+        )
+        self._record_restart(name)
+        if name == "superlink":
+            with contextlib.suppress(DeployError):  # a failed start is the next death
+                self.wait_healthy(timeout=self.startup_timeout)
+
+    def _record_restart(self, name: str) -> None:
+        """Count the restart in ``fedsd_service_restarts_total{service}``, written to the
+        ServerApp exporter's multiprocess files (the runner itself serves no metrics)."""
+        if self.metrics is None:
+            return
+        env = {
+            **self.env,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.work_dir / "metrics" / "metrics-serverapp"),
+        }
+        code = f"from fedsd.metrics import record_service_restart as r; r({name!r})"
+        self._recorders.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                cwd=self.work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def _reap_recorders(self) -> None:
+        self._recorders = [p for p in self._recorders if p.poll() is None]
+
+    def serverapp_pids(self) -> list[int]:
+        """Live ``flwr-serverapp`` processes under the SuperExec (the warm-start shim stays
+        until its forked ServerApp exits, so this covers both ways of starting it)."""
+        exe = self.services.get("superexec")
+        if exe is None or not exe.alive():
+            return []
+        pids = []
+        for pid in _tree([exe.pid]):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if pid != exe.pid and b"flwr-serverapp" in cmdline:
+                pids.append(pid)
+        return pids
 
     def submit(
         self,
@@ -1086,9 +1228,10 @@ class LocalDeployment:
         reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
         reader.start()
         run_id: str | None = None
+        watch = _AppWatch(self, self.restarts.get("superlink", 0))
         try:
             with run_log.open("a", encoding="utf-8") as log:
-                while True:
+                while not watch.lost():
                     try:
                         line = lines.get(timeout=0.5)
                     except queue.Empty:
@@ -1105,12 +1248,14 @@ class LocalDeployment:
                     if deadline is not None and time.monotonic() > deadline:
                         self._log(f"run timed out after {timeout:.0f}s")
                         return RunResult(EXIT_TIMEOUT, run_id, "timeout", None, timeout or 0)
-                    self.check_alive()
-            proc.wait(timeout=30)
+                    self.supervise()
+            if proc.poll() is None and not watch.seen:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)  # the stream ended: the CLI exits
         finally:
             stop_services([cli], grace=2.0)
             reader.join(timeout=2)
-        if proc.returncode != 0 or run_id is None:
+        if run_id is None:
             return RunResult(
                 proc.returncode or 1,
                 run_id,
@@ -1118,7 +1263,8 @@ class LocalDeployment:
                 f"`flwr run` exited with {proc.returncode}",
                 time.monotonic() - start,
             )
-        status, details = self.wait_run_finished(run_id, deadline=deadline)
+        # The stream also ends when the SuperLink went away, or the ServerApp died
+        status, details = self.wait_run_finished(run_id, deadline=deadline, watch=watch)
         code = 0 if status == "finished:completed" else 1
         if status is None:
             code = EXIT_TIMEOUT
@@ -1134,19 +1280,54 @@ class LocalDeployment:
         return None, None
 
     def wait_run_finished(
-        self, run_id: str, *, deadline: float | None = None
+        self,
+        run_id: str,
+        *,
+        deadline: float | None = None,
+        watch: _AppWatch | None = None,
     ) -> tuple[str | None, str | None]:
-        """The stream ends with the run; still poll briefly in case the status lags behind."""
-        settle = time.monotonic() + 30
+        """Poll the run's status until it finished, its ServerApp is gone, or ``deadline``.
+
+        A run whose ServerApp process died (killed, or lost with the SuperLink) would only
+        be failed by the SuperLink after two missed heartbeats (60 s); it is stopped here
+        instead and reported as ``lost``, which ``fedsd up`` resubmits.
+        """
+        watch = watch if watch is not None else _AppWatch(self, self.restarts.get("superlink", 0))
+        settle = time.monotonic() + 30  # without a status at all (no link), give up then
         while True:
-            status, details = self.run_status(run_id)
+            self.supervise()
+            try:
+                status, details = self.run_status(run_id)
+            except DeployError:
+                status, details = None, None
             if status and status.startswith("finished"):
                 return status, details
+            if watch.lost(force=True):
+                self._abandon(run_id)
+                if watch.link_restarted():
+                    return "lost", "the SuperLink was restarted while the run was in flight"
+                return "lost", "the ServerApp process died before the run finished"
             now = time.monotonic()
+            if status:
+                settle = now + 30
             if now > settle or (deadline is not None and now > deadline):
                 return status, details
-            self.check_alive()
             time.sleep(1.0)
+
+    def _abandon(self, run_id: str) -> None:
+        """Stop a lost run and make sure its ServerApp is gone before a resubmission
+        resumes from the same OUT (two ServerApps must never write it)."""
+        with contextlib.suppress(DeployError):
+            self.flwr("stop", str(run_id), CONNECTION, timeout=30)
+        deadline = time.monotonic() + 20
+        while (pids := self.serverapp_pids()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.serverapp_pids():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)  # the warm-start shim relays SIGTERM to the ServerApp
+            if pids and sig == signal.SIGTERM:
+                time.sleep(5)
 
     def stop(self) -> None:
         """Stop every service (and its ServerApp/ClientApp processes)."""
@@ -1180,11 +1361,46 @@ class LocalDeployment:
             name, argv, env=env or self.env, log_dir=self.log_dir, cwd=self.work_dir
         )
         self.services[name] = svc
+        self._envs[name] = dict(env or self.env)
         self._log(f"started {name} (pid {svc.pid}), log {svc.log_path}")
         return svc
 
     def _log(self, message: str) -> None:
         self.stream(f"fedsd up: {message}")
+
+
+class _AppWatch:
+    """Tells when the ServerApp process of the submitted run is gone: seen alive once (or
+    never seen after ``patience``), then no ``flwr-serverapp`` process for ``patience``."""
+
+    def __init__(
+        self, deployment: LocalDeployment, link_restarts: int = 0, patience: float = 5.0
+    ) -> None:
+        self.deployment = deployment
+        self.link_restarts = link_restarts
+        self.patience = patience
+        self.seen = False
+        self.since = time.monotonic()  # last time it was alive (or the watch started)
+        self._checked = 0.0
+
+    def link_restarted(self) -> bool:
+        """Messages of the round in flight may be gone with a restarted SuperLink, and the
+        ServerApp would wait for their replies until round-timeout: the run counts as lost
+        (resubmitted, resuming after the last saved round)."""
+        return self.deployment.restarts.get("superlink", 0) > self.link_restarts
+
+    def lost(self, *, force: bool = False) -> bool:
+        if self.link_restarted():
+            return True
+        now = time.monotonic()
+        if not force and now - self._checked < 1.0:
+            return False
+        self._checked = now
+        if self.deployment.serverapp_pids():
+            self.seen = True
+            self.since = now
+            return False
+        return self.seen and now - self.since > self.patience
 
 
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
@@ -1245,6 +1461,8 @@ def run_local(
     warm_apps: bool | None = None,
     metrics_port: int | None = None,
     node_config: Mapping[str, Any] | str | Sequence[str] | None = None,
+    restart: RestartPolicy | None = None,
+    max_resubmits: int = DEFAULT_MAX_RESUBMITS,
 ) -> int:
     """Run one federation on 127.0.0.1 and return its exit status (0 = run completed).
 
@@ -1297,6 +1515,7 @@ def run_local(
         extra_env=extra_env,
         warm_apps=_is_fedsd_app(app) if warm_apps is None else warm_apps,
         metrics_port=metrics_port,
+        restart=restart,
     )
     # OUT (and a work dir outside it) locked first: nothing there is touched before
     locked = (out_path,) if work.is_relative_to(out_path) else (out_path, work)
@@ -1305,8 +1524,9 @@ def run_local(
             for cfg in node_configs:
                 Path(cfg["cache-dir"]).mkdir(parents=True, exist_ok=True)
             deployment.start()
-            remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
-            result = deployment.submit(app, overrides, timeout=remaining)
+            result = _submit_until_done(
+                deployment, app, overrides, max_resubmits, stream, start, timeout
+            )
         except DeployError as exc:
             stream(f"fedsd up: error: {exc}")
             _report_logs(deployment, stream)
@@ -1324,6 +1544,59 @@ def run_local(
             stream(f"fedsd up: run {result.run_id} ended as {result.status}{why}")
             _report_logs(deployment, stream)
         return result.exit_code
+
+
+def _submit_until_done(
+    deployment: LocalDeployment,
+    app: Path,
+    overrides: Mapping[str, Any],
+    max_resubmits: int,
+    stream: StreamFn,
+    start: float,
+    timeout: float | None,
+) -> RunResult:
+    """Submit, and resubmit a run that was lost rather than failed by the app: the
+    ServerApp resumes after the last round in OUT/history.json, so only the in-flight round
+    is redone."""
+    resubmits = 0
+    while True:
+        restarts = sum(deployment.restarts.values())
+        remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
+        result = deployment.submit(app, overrides, timeout=remaining)
+        link_lost = sum(deployment.restarts.values()) > restarts
+        if result.exit_code == 0 or not resubmittable(result, link_lost):
+            return result
+        if resubmits >= max_resubmits:
+            stream(
+                f"fedsd up: run {result.run_id} lost {resubmits + 1} time(s); "
+                f"resubmission limit (--max-resubmits {max_resubmits}) reached"
+            )
+            return result
+        resubmits += 1
+        stream(
+            f"fedsd up: run {result.run_id} ended as {result.status}"
+            f"{f': {result.details}' if result.details else ''}; resubmitting "
+            f"({resubmits}/{max_resubmits}), it resumes after the last saved round"
+        )
+
+
+def resubmittable(result: RunResult, services_restarted: bool = False) -> bool:
+    """Whether a run that did not complete was lost (resubmit) rather than failed by the
+    app's own verdict (bad config, budget spent, too few nodes, disk full: never retried).
+
+    Flower records an exception the ServerApp raised as ``ServerApp failed with exception:
+    ...``; that is the app's verdict unless a service died meanwhile (an exception from a
+    SuperLink that went away). A ServerApp process that died is ``lost``; a timeout and a
+    run stopped by the user are not retried either.
+    """
+    if result.status == "lost":
+        return True
+    if result.status in (None, "timeout", "not-submitted") or result.exit_code == EXIT_TIMEOUT:
+        return False
+    if result.status == "finished:failed":
+        own = str(result.details or "").startswith("ServerApp failed with exception")
+        return services_restarted or not own
+    return False
 
 
 _RUNNER_NODE_KEYS = ("partition-id", "num-partitions", "shard-dir", "cache-dir")
@@ -1382,6 +1655,8 @@ def run_local_from_args(args: argparse.Namespace) -> int:
             stream=view,
             timeout=args.timeout,
             node_config=args.node_config,
+            restart=RestartPolicy(max_restarts=args.max_restarts),
+            max_resubmits=args.max_resubmits,
         )
     except (ConfigError, FileNotFoundError, DeployError) as exc:
         print(f"fedsd up: error: {exc}", file=err)

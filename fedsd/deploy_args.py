@@ -89,3 +89,20 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="give up (and stop everything) after this many seconds (default: no limit)",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="restart a SuperNode, the SuperLink, the SuperExec, a launcher or an exporter "
+        "that dies up to N times each (backoff 2 s, doubling, at most 60 s); the run aborts "
+        "when one dies once more (default 5; 0: the first death ends the run)",
+    )
+    parser.add_argument(
+        "--max-resubmits",
+        type=int,
+        default=3,
+        metavar="N",
+        help="resubmit a run lost to a dead ServerApp or SuperLink up to N times; it resumes "
+        "after the last saved round (default 3; a run the app failed is never resubmitted)",
+    )

@@ -340,3 +340,22 @@ def serve_exporter(port: int, multiproc_dir: str, host: str = "127.0.0.1") -> No
     done.wait()
     server.shutdown()
     thread.join(timeout=5)
+
+
+@cache
+def _runner() -> dict[str, Any]:
+    from prometheus_client import Counter
+
+    return {
+        "restarts": Counter(
+            "fedsd_service_restarts_total",
+            "Services that `fedsd up` restarted after they died",
+            ("service",),
+        )
+    }
+
+
+def record_service_restart(service: str) -> None:
+    """One restart of ``service`` by the ``fedsd up --local`` supervisor."""
+    if enabled():
+        _runner()["restarts"].labels(service).inc()

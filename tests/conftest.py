@@ -50,7 +50,7 @@ SLOWEST_FIRST = [
     "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT: ~3.5 min
     "test_privacy_e2e_secagg.py",
     "test_privacy_e2e_dp.py",
-    "test_privacy_ledger_e2e.py",  # three `fedsd up` on one OUT: ~3.5 min
+    "test_faults.py",  # three deployments, one SIGKILL each: ~3.5-5 min
     "test_fault_hung_node.py",  # a 40 s round deadline waited out: ~4.5 min at load 20
     "test_fault_launcher.py",  # two launcher runs stopped: ~4 min at load 20
     "test_secagg_dropout.py",
