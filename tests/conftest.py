@@ -109,6 +109,30 @@ def ci_images() -> CiImages:
     )
 
 
+def synthetic_shards(root: Path, nodes: int, images: int) -> Path:
+    """``fedsd shards --source synthetic`` into ``root/shards`` (a real process, as a user
+    runs it): ``nodes`` shards of ``images`` images each."""
+    shards = root / "shards"
+    subprocess.run(
+        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
+        + ["--num-shards", str(nodes), "--synthetic-images", str(images), "--out", str(shards)],
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=300,
+    )
+    return shards
+
+
+def node_configs(shards: Path, nodes: int, cache: Path) -> list[dict]:
+    """The SuperNodes' node config for ``LocalDeployment``: shard i for node i."""
+    return [
+        {"partition-id": i, "shard-dir": str(shards / f"shard-{i}"), "cache-dir": str(cache)}
+        for i in range(nodes)
+    ]
+
+
 # --------------------------------------------------------------------------- one real run
 
 

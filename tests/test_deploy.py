@@ -49,6 +49,7 @@ from fedsd.deploy import (
     parse_run_config,
     run_local,
 )
+from tests.conftest import synthetic_shards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -521,18 +522,9 @@ def test_second_fedsd_up_on_one_out_is_refused_and_changes_nothing(tmp_path, tin
     """Two real ``fedsd up --local`` on one OUT: the second is refused at once naming the
     first's pid, and the first run's state.db, certificates and connection stay as they were
     (without the lock, --no-metrics let the second move the live state.db aside)."""
-    shards, out = tmp_path / "shards", tmp_path / "out"
+    shards, out = synthetic_shards(tmp_path, 2, 8), tmp_path / "out"
     work = out / ".deploy"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "2", "--synthetic-images", "8", "--out", str(shards)],
-        check=True,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
     argv = [sys.executable, "-m", "fedsd.cli", "up", "--local", "--nodes", "2"]
     argv += ["--rounds", "50", "--model", str(tiny_model), "--shards", str(shards)]
     argv += ["--out", str(out), "--run-config", "resolution=64", "--no-metrics"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+
+from tests.conftest import node_configs, synthetic_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -40,16 +40,8 @@ def test_hung_node_costs_at_most_the_round_deadline(tiny_model, tmp_path):
     from fedsd.deploy import LocalDeployment, build_run_config, find_app_dir
     from fedsd.model import load_adapter_arrays
 
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "3", "--synthetic-images", "16", "--out", str(shards)],
-        check=True,
-    )
-    configs = [
-        {"partition-id": i, "shard-dir": str(shards / f"shard-{i}"), "cache-dir": str(tmp_path)}
-        for i in range(3)
-    ]
+    shards = synthetic_shards(tmp_path, 3, 16)
+    configs = node_configs(shards, 3, tmp_path)
     frozen: list[int] = []
     times: dict[str, float] = {}
     lines: list[str] = []

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import node_configs, synthetic_shards
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,16 +69,8 @@ def _stopped_run(dep, output: str) -> str:
 def test_launcher_stops_the_run_on_timeout_and_on_sigterm(tiny_model, tmp_path):
     from fedsd.deploy import LocalDeployment
 
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "2", "--synthetic-images", "16", "--out", str(shards)],
-        check=True,
-    )
-    configs = [
-        {"partition-id": i, "shard-dir": str(shards / f"shard-{i}"), "cache-dir": str(tmp_path)}
-        for i in range(2)
-    ]
+    shards = synthetic_shards(tmp_path, 2, 16)
+    configs = node_configs(shards, 2, tmp_path)
     with LocalDeployment(
         tmp_path / "deploy", 2, node_configs=configs, stream=lambda _: None, warm_apps=True
     ) as dep:

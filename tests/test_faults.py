@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import synthetic_shards
 from tests.test_deploy import _wait_no_leftovers
 
 pytestmark = pytest.mark.e2e
@@ -110,15 +111,7 @@ def _run(fault: Fault, tiny_model: Path, shards: Path) -> None:
 def test_killed_supernode_superlink_and_serverapp_runs_finish(tiny_model, tmp_path):
     from fedsd.model import load_adapter_arrays
 
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "3", "--synthetic-images", "12", "--out", str(shards)],
-        check=True,
-        cwd=REPO,
-        capture_output=True,
-        timeout=300,
-    )
+    shards = synthetic_shards(tmp_path, 3, 12)
     faults = [
         Fault("supernode", 3, tmp_path / "out-supernode"),
         Fault("superlink", 2, tmp_path / "out-superlink"),

@@ -17,24 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import synthetic_shards
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 DP = "dp-noise-multiplier=1.0 batch-size=2 resolution=64 round-timeout=300.0"
-
-
-def make_shards(root: Path, repo: Path = REPO) -> Path:
-    shards = root / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "2", "--synthetic-images", "16", "--out", str(shards)],
-        check=True,
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        capture_output=True,
-        timeout=300,
-    )
-    return shards
 
 
 def up(
@@ -68,7 +56,7 @@ def opacus_epsilon(rec: dict, steps: int) -> float:
 
 @pytest.mark.timeout(1800)
 def test_ledger_follows_the_data_across_ups_and_a_wiped_one_is_refused(tiny_model, tmp_path):
-    shards, out = make_shards(tmp_path), tmp_path / "out"
+    shards, out = synthetic_shards(tmp_path, 2, 16), tmp_path / "out"
     up(out, shards, tiny_model, 1)
     up(out, shards, tiny_model, 2)  # resumed on a fresh SuperLink state: new node ids
     first, second = dp_sgd(out, 1), dp_sgd(out, 2)
@@ -131,7 +119,7 @@ def test_node_policy_refuses_a_weaker_run_before_reading_any_image(tiny_model, t
     """`fedsd up --node-config "require-privacy='dp-sample'"` and a privacy=none run: every
     node answers with the rule, the server names it, the run fails, and no node encoded
     (i.e. read) an image."""
-    shards, out = make_shards(tmp_path), tmp_path / "out"
+    shards, out = synthetic_shards(tmp_path, 2, 16), tmp_path / "out"
     argv = [sys.executable, "-m", "fedsd.cli", "up", "--local", "--nodes", "2"]
     argv += ["--rounds", "1", "--model", str(tiny_model), "--shards", str(shards)]
     argv += ["--out", str(out), "--run-config", "resolution=64 round-timeout=120.0"]

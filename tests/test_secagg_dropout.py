@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from tests.conftest import node_configs, synthetic_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -19,16 +19,8 @@ def test_round_completes_without_the_killed_node(tiny_model, tmp_path):
     from fedsd.deploy import LocalDeployment, build_run_config, find_app_dir
     from fedsd.model import load_adapter_arrays
 
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", "3", "--synthetic-images", "24", "--out", str(shards)],
-        check=True,
-    )
-    configs = [
-        {"partition-id": i, "shard-dir": str(shards / f"shard-{i}"), "cache-dir": str(tmp_path)}
-        for i in range(3)
-    ]
+    shards = synthetic_shards(tmp_path, 3, 24)
+    configs = node_configs(shards, 3, tmp_path)
     killed: list[int] = []
     lines: list[str] = []
 
