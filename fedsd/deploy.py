@@ -57,6 +57,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
 from fedsd.certs import CertMaterial, NodeKey, ensure_certs
 from fedsd.config import ConfigError, RunConfig
 from fedsd.observability import ALERTS, MetricsPorts, prometheus_config, targets
@@ -97,7 +99,9 @@ DEFAULT_STARTUP_TIMEOUT = 90.0
 EXIT_TIMEOUT = 124
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_MAX_RESUBMITS = 3
-NODE_SESSION_SECONDS = 62.0  # Flower 1.41: HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL + 2
+# How long the SuperLink keeps a dead node's session (it refuses the key meanwhile): two
+# missed heartbeats, from Flower's own constants, plus a margin.
+NODE_SESSION_SECONDS = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 2)
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
