@@ -536,6 +536,9 @@ class Federation:
         return send_and_receive(self.grid, messages, self.cfg.round_timeout), sent
 
 
+LEDGER_FIGURES = ("prior_steps", "prior_epsilon", "lifetime_steps", "lifetime_epsilon")
+
+
 def _node_records(config: Any, node: int) -> list[dict[str, Any]]:
     """A node's privacy records (JSON in its reply), tagged with its node id."""
     raw = config.get("records", "[]") if config else "[]"
@@ -563,6 +566,9 @@ def _sane_record(r: Any) -> bool:
         and r["mechanism"] != "secagg+"  # the server writes that record itself
         and all(number(r.get(k)) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate"))
         and (r.get("epsilon") is None or "delta" in r)
+        # the data owner's ledger figures (fedsd.owner_ledgers compares and stores them)
+        and all(number(r.get(k)) for k in LEDGER_FIGURES)
+        and (r.get("owner") is None or isinstance(r["owner"], str))
     )
 
 

@@ -231,6 +231,8 @@ def test_node_privacy_records_that_would_crash_the_log_are_dropped():
     good = {"mechanism": "dp-sgd", "epsilon": 1.0, "delta": 1e-5, "steps": 3}
     junk = [3, {"epsilon": 1.0}, {"mechanism": "secagg+"}, {"mechanism": "x", "epsilon": 1.0}]
     junk.append({"mechanism": "x", "epsilon": "big", "delta": 1e-5})
+    junk.append({**good, "owner": "ab", "prior_steps": "x"})  # would crash the ledger check
+    junk.append({**good, "owner": 5, "lifetime_steps": 3})
     records = _node_records({"records": json.dumps([good, *junk])}, 7)
     assert records == [{**good, "node_id": 7}]
     assert len(privacy_lines({"round": 1, "privacy": records})) == 1
