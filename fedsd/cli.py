@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from fedsd.model import write_tiny_pipeline
+    from fedsd.ml.model import write_tiny_pipeline
 
     path = write_tiny_pipeline(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM pipeline to {path}: NOT a real model, for smoke runs and tests")
@@ -20,7 +20,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from fedsd.data import write_shards
+    from fedsd.ml.data import write_shards
 
     manifest = write_shards(
         source=args.source,
@@ -43,13 +43,13 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from fedsd.deploy import run_local_from_args
+    from fedsd.deploy.up import run_local_from_args
 
     return run_local_from_args(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from fedsd.generate import generate_grid
+    from fedsd.ml.generate import generate_grid
 
     path = generate_grid(
         model=args.model,
@@ -66,26 +66,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from fedsd.certs import ensure_certs
+    from fedsd.deploy.certs import ensure_certs
 
     material = ensure_certs(args.out, hosts=args.host, nodes=args.nodes)
     print(f"CA: {material.ca_cert}\nSuperLink certificate: {material.server_cert}")
     for key in material.node_keys:
         print(f"node key: {key.private_key} (public: {key.public_key})")
+    print(f"SuperExec auth secret: {material.superexec_secret}")
     return 0
 
 
 def _cmd_app_launcher(args: argparse.Namespace) -> int:
-    from fedsd.warmstart import DEFAULT_PRELOAD, serve
+    from fedsd.deploy.warmstart import DEFAULT_PRELOAD, serve
 
     serve(args.socket, args.preload or DEFAULT_PRELOAD)
+    return 0
+
+
+def _cmd_app_hash(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedsd.deploy.pinning import AppRefused, fab_hash_of, has_flwr_app, source_app_dir
+
+    app = Path(args.app_dir).resolve() if args.app_dir else source_app_dir()
+    if app is None or not has_flwr_app(app / "pyproject.toml"):
+        where = app or "this fedsd installation (no source tree)"
+        print(f"fedsd app-hash: error: no Flower app in {where}", file=sys.stderr)
+        return 2
+    try:
+        print(f"{fab_hash_of(app)}  {app}")
+    except AppRefused as exc:
+        print(f"fedsd app-hash: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_privacy_report(args: argparse.Namespace) -> int:
     import json
 
-    from fedsd.report import format_report, load_report
+    from fedsd.privacy.report import format_report, load_report
 
     report = load_report(args.out)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -93,14 +112,14 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_metrics_exporter(args: argparse.Namespace) -> int:
-    from fedsd.metrics import serve_exporter
+    from fedsd.observability.metrics import serve_exporter
 
     serve_exporter(args.port, args.multiproc_dir, args.host)
     return 0
 
 
 def _cmd_superlink_exporter(args: argparse.Namespace) -> int:
-    from fedsd.superlink_exporter import serve
+    from fedsd.observability.superlink_exporter import serve
 
     serve(
         args.port,
@@ -147,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("up", help="run a federation")
-    from fedsd.deploy_args import add_up_arguments
+    from fedsd.deploy.args import add_up_arguments
 
     add_up_arguments(p)
     p.set_defaults(func=_cmd_up)
@@ -163,11 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("certs", help="create the CA, SuperLink certificate and node keys")
+    p = sub.add_parser(
+        "certs", help="create the CA, SuperLink certificate, node keys, SuperExec secret"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--host", action="append", default=[], help="extra SAN (repeatable)")
     p.add_argument("--nodes", type=int, default=2)
     p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser(
+        "app-hash",
+        help="the SHA-256 of an app's FAB, for a node's trusted-apps",
+        description="Build the FAB of APP_DIR as `flwr run` does (default: fedsd's own "
+        "sources) and print its SHA-256: what a data owner lists in the node config "
+        "trusted-apps to let its node run that app (docs/privacy.md, Trust model).",
+    )
+    p.add_argument("app_dir", nargs="?", default=None, help="the app (default: fedsd's)")
+    p.set_defaults(func=_cmd_app_hash)
 
     p = sub.add_parser(
         "privacy-report",
@@ -211,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fork flwr-clientapp/flwr-serverapp processes from one with torch imported",
         description="Import torch, diffusers, peft and opacus once, then fork a "
         "flwr-clientapp or flwr-serverapp per request on SOCKET. A SuperNode (SuperExec) uses "
-        "it when the shim written by fedsd.warmstart.install_shim is first on its PATH and "
+        "it when the shim written by fedsd.deploy.warmstart.install_shim is first on its PATH and "
         "FEDSD_LAUNCHER_SOCKET=SOCKET.",
     )
     p.add_argument("--socket", required=True, help="unix socket path to listen on")
@@ -225,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsd`` console script."""
     args = build_parser().parse_args(argv)
-    from fedsd.config import ConfigError
+    from fedsd.common.errors import ConfigError
 
     try:
         return int(args.func(args) or 0)

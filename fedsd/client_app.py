@@ -5,13 +5,13 @@ Flower at import time; torch and diffusers come in with ``fedsd.task`` inside th
 handlers.
 
 Messages carry ``adapter`` (the global LoRA tensors as one flat vector, see
-``fedsd.payload``) and ``config`` (``server-round``, ``run-key``, and under FFA-LoRA
+``fedsd.fl.payload``) and ``config`` (``server-round``, ``run-key``, and under FFA-LoRA
 ``lora-a-digest``). A train reply carries the node's *update* (its adapter minus the global
 one, after the privacy mode's clipping and noise), ``metrics`` with ``num-examples`` (the
 FedAvg weight) and ``privacy`` (the node's privacy records as JSON).
 
 Before any handler (and any SecAgg+ stage), the ``node_policy`` mod checks the run
-against the data owner's privacy policy in the node config (``fedsd.node_policy``) and
+against the data owner's privacy policy in the node config (``fedsd.privacy.node_policy``) and
 answers a run that breaks it with an error naming the rule.
 
 Under SecAgg+ the ServerApp runs Flower's ``SecAggPlusWorkflow``, whose messages use the
@@ -28,7 +28,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsd.payload import FLAT
+from fedsd.fl.payload import FLAT
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants
 
@@ -44,10 +44,10 @@ def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message
 
 
 def node_policy(msg: Message, context: Context, call_next: Any) -> Message:
-    """The data owner's privacy policy (``fedsd.node_policy``), checked before anything
+    """The data owner's privacy policy (``fedsd.privacy.node_policy``), checked before anything
     of the run happens on this node (handlers, SecAgg+ stages, any image read); a run
     that breaks it gets an error reply naming the rule."""
-    from fedsd.node_policy import POLICY_KEYS
+    from fedsd.privacy.node_policy import POLICY_KEYS
 
     if msg.metadata.message_type not in ("train", "evaluate") or not any(
         context.node_config.get(k) not in (None, "") for k in POLICY_KEYS
@@ -68,8 +68,8 @@ POLICY_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the app ref
 def policy_refusal(msg: Message, context: Context) -> str | None:
     """Why the node's policy refuses this message's run, or None."""
     from fedsd.config import RunConfig
-    from fedsd.node_policy import NodePolicy, PolicyRefusal, listed_images
-    from fedsd.node_privacy import NodePrivacy, data_owner_id
+    from fedsd.privacy.node import NodePrivacy, data_owner_id
+    from fedsd.privacy.node_policy import NodePolicy, PolicyRefusal, listed_images
     from fedsd.task import NodeSettings
 
     cfg = RunConfig.from_mapping(context.run_config)
@@ -123,10 +123,10 @@ def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bo
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Score the global adapter, train on it (privately if asked), return the update."""
-    from fedsd.node_policy import NodePolicy
-    from fedsd.node_privacy import NodePrivacy, data_owner_id, records_json
-    from fedsd.payload import pack
-    from fedsd.training import train_images
+    from fedsd.fl.payload import pack
+    from fedsd.ml.training import train_images
+    from fedsd.privacy.node import NodePrivacy, data_owner_id, records_json
+    from fedsd.privacy.node_policy import NodePolicy
 
     t0 = time.perf_counter()
     task, server_round, config, legacy = _setup(msg, context)
@@ -174,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
 
         metrics["gpu-peak-bytes"] = int(torch.cuda.max_memory_allocated(task.device))
     flat = pack(update)
-    from fedsd import metrics as prom
+    from fedsd.observability import metrics as prom
 
     prom.record_node_train(
         context.node_id,
@@ -218,7 +218,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation denoising loss of the global adapter at fixed timesteps and noise."""
     task, _, config, _ = _setup(msg, context)
     loss, n = task.evaluate()
-    from fedsd import metrics as prom
+    from fedsd.observability import metrics as prom
 
     run_key = str(config.get("run-key", "default"))
     prom.record_node_eval(context.node_id, run_key, loss, int(task.received_bytes), n)

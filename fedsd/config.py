@@ -15,11 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedsd.common.coerce import coerce, require
+from fedsd.common.errors import ConfigError
+from fedsd.privacy.config import PrivacyConfig
+
+__all__ = ["LORA_VARIANTS", "ConfigError", "RunConfig"]
+
 LORA_VARIANTS = ("lora", "ffa")
-
-
-class ConfigError(ValueError):
-    """An invalid run-config value; the message names the key and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -43,20 +45,14 @@ class RunConfig:
     max_train_images: int = 0
     out_dir: str = "fedsd-out"
     round_timeout: float = 3600.0
-    # Reply validation (fedsd.validation) and the aggregation rule (fedsd.aggregation)
+    # Reply validation (fedsd.fl.validation) and the aggregation rule (fedsd.fl.aggregation)
     max_update_norm: float = 10_000.0
     max_node_weight: float = 1_000_000.0
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    # fedsd.privacy.PrivacyConfig, built from the privacy keys of the same mapping
-    privacy: Any = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.privacy is None:
-            from fedsd.privacy import PrivacyConfig
-
-            object.__setattr__(self, "privacy", PrivacyConfig())
+    # built from the privacy keys of the same mapping
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig, compare=False)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -73,9 +69,7 @@ class RunConfig:
             if f is None:
                 extra[key] = value
                 continue
-            values[f.name] = _coerce(key, value, f.type)
-        from fedsd.privacy import PrivacyConfig
-
+            values[f.name] = coerce(key, value, str(f.type))
         cfg = cls(**values, extra=extra, privacy=PrivacyConfig.from_mapping(extra))
         cfg.validate()
         return cfg
@@ -95,70 +89,70 @@ class RunConfig:
 
     def validate(self) -> None:
         """Refuse values that would fail (or silently misbehave) later in the run."""
-        _require(self.model.strip() != "", "model", self.model, "a hub id or a local directory")
-        _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
-        _require(
+        require(self.model.strip() != "", "model", self.model, "a hub id or a local directory")
+        require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
+        require(
             0.0 < self.fraction_train <= 1.0, "fraction-train", self.fraction_train, "in (0, 1]"
         )
-        _require(self.min_nodes >= 1, "min-nodes", self.min_nodes, ">= 1")
-        _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
-        _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
-        _require(
+        require(self.min_nodes >= 1, "min-nodes", self.min_nodes, ">= 1")
+        require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        require(
             math.isfinite(self.learning_rate) and 0.0 < self.learning_rate < 1.0,
             "learning-rate",
             self.learning_rate,
             "a finite number in (0, 1)",
         )
-        _require(1 <= self.lora_rank <= 256, "lora-rank", self.lora_rank, "in [1, 256]")
-        _require(
+        require(1 <= self.lora_rank <= 256, "lora-rank", self.lora_rank, "in [1, 256]")
+        require(
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
             "lora-alpha",
             self.lora_alpha,
             "> 0",
         )
-        _require(
+        require(
             len(self.lora_targets) > 0 and all(t.strip() for t in self.lora_targets),
             "lora-targets",
             ",".join(self.lora_targets),
             "a comma-separated list of module names such as 'to_q,to_k,to_v,to_out.0'",
         )
-        _require(
+        require(
             self.lora_variant in LORA_VARIANTS,
             "lora-variant",
             self.lora_variant,
             f"one of {', '.join(LORA_VARIANTS)}",
         )
-        _require(
+        require(
             self.resolution >= 8 and self.resolution % 8 == 0,
             "resolution",
             self.resolution,
             "a multiple of 8 that is >= 8 (the VAE downsamples by 8)",
         )
-        _require(self.eval_timesteps >= 1, "eval-timesteps", self.eval_timesteps, ">= 1")
-        _require(self.max_train_images >= 0, "max-train-images", self.max_train_images, ">= 0")
-        _require(self.out_dir.strip() != "", "out-dir", self.out_dir, "a directory path")
-        _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
-        _require(
+        require(self.eval_timesteps >= 1, "eval-timesteps", self.eval_timesteps, ">= 1")
+        require(self.max_train_images >= 0, "max-train-images", self.max_train_images, ">= 0")
+        require(self.out_dir.strip() != "", "out-dir", self.out_dir, "a directory path")
+        require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        require(
             math.isfinite(self.max_update_norm) and self.max_update_norm > 0,
             "max-update-norm",
             self.max_update_norm,
             "a finite L2 norm > 0 (a node's update above it is rejected)",
         )
-        _require(
+        require(
             math.isfinite(self.max_node_weight) and self.max_node_weight > 0,
             "max-node-weight",
             self.max_node_weight,
             "a finite weight > 0 (a node's num-examples above it is rejected)",
         )
-        from fedsd.aggregation import AGGREGATIONS
+        from fedsd.fl.aggregation import AGGREGATIONS
 
-        _require(
+        require(
             self.aggregation in AGGREGATIONS,
             "aggregation",
             self.aggregation,
             f"one of {', '.join(AGGREGATIONS)}",
         )
-        _require(
+        require(
             0.0 <= self.trim_fraction < 0.5,
             "trim-fraction",
             self.trim_fraction,
@@ -166,7 +160,7 @@ class RunConfig:
         )
         comps = self.privacy.components if self.privacy is not None else frozenset()
         if self.aggregation != "fedavg":
-            _require(
+            require(
                 "secagg" not in comps,
                 "aggregation",
                 self.aggregation,
@@ -174,7 +168,7 @@ class RunConfig:
                 "sees only the sum of the updates, so no robust rule can run; a node's "
                 "influence there is bounded by secagg-clipping-range x secagg-max-weight",
             )
-            _require(
+            require(
                 "dp-central" not in comps,
                 "aggregation",
                 self.aggregation,
@@ -182,41 +176,9 @@ class RunConfig:
                 "calibrated to the mean's sensitivity (dp-central-clip / nodes)",
             )
         if self.privacy is not None and "secagg" in self.privacy.components:
-            _require(
+            require(
                 self.min_nodes >= 2,
                 "min-nodes",
                 self.min_nodes,
                 f">= 2 with privacy={self.privacy.privacy!r} (SecAgg+ needs 2+ nodes per round)",
             )
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid run config: {key}={value!r}; expected {allowed}")
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Convert a TOML/CLI value to the field's type, refusing lossy conversions."""
-    typ = str(typ)
-    try:
-        if typ == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ == "str":
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-        if typ.startswith("tuple"):
-            if isinstance(value, str):
-                return tuple(part.strip() for part in value.split(",") if part.strip())
-            return tuple(str(v) for v in value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise ConfigError(f"invalid run config: {key}={value!r}; expected a value of type {typ}")

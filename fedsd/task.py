@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from fedsd.config import RunConfig
-from fedsd.data import load_split, resolve_shard_dir, split_fingerprint
-from fedsd.model import (
+from fedsd.ml.data.shards import load_split, resolve_shard_dir, split_fingerprint
+from fedsd.ml.model import (
     add_lora,
     exchanged_keys,
     get_lora_state,
@@ -28,7 +28,7 @@ from fedsd.model import (
     resolve_model,
     set_lora_state,
 )
-from fedsd.training import (
+from fedsd.ml.training import (
     DpSgd,
     EncodedSplit,
     LatentCache,
@@ -124,6 +124,7 @@ class NodeTask:
             self.cfg.resolution,
             self.device,
             skipped=loaded.skipped,
+            desc=f"fedsd node: encoding the {split} split",
         )
         self.cache.store(key, enc)
         return enc
@@ -159,8 +160,8 @@ class NodeTask:
         return set_lora_state(self.unet, arrays, partial=ffa)
 
     def load_global_flat(self, flat: np.ndarray, a_digest: str | None) -> int:
-        """``load_global`` from the one-vector wire format (``fedsd.payload``)."""
-        from fedsd.payload import shapes_of, unpack
+        """``load_global`` from the one-vector wire format (``fedsd.fl.payload``)."""
+        from fedsd.fl.payload import shapes_of, unpack
 
         return self.load_global(unpack(flat, shapes_of(self.outgoing())), a_digest)
 
@@ -171,7 +172,7 @@ class NodeTask:
 
     def train(self, server_round: int, dp: Any = None) -> TrainResult:
         """Local epochs on the shard's train split; DP-SGD when ``dp`` (a
-        ``fedsd.node_privacy.DpSgdPlan``) is given."""
+        ``fedsd.privacy.node.DpSgdPlan``) is given."""
         data = self.encoded("train")
         if len(data) == 0:
             raise ValueError(f"shard {self.node.shard_dir} has no readable training image")

@@ -1,0 +1,1 @@
+"""Building blocks every layer uses: errors, crash-safe writes."""

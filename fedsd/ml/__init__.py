@@ -1,0 +1,1 @@
+"""The model side: Tiny-SD with LoRA, local training, image generation, data shards and prompts."""

@@ -1,0 +1,1 @@
+"""Metrics, exporters, Prometheus/Grafana configuration and live progress."""
