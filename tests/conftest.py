@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.host import build_images
+from tests.support.host import build_images
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random SD pipeline in diffusers format (not a real model)."""
-    from fedsd.model import write_tiny_pipeline
+    from fedsd.ml.model import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bare_app_dir() -> Path:
     """A trivial Message-API Flower app (no torch), for deployment tests and benchmarks."""
-    return Path(__file__).parent / "fixtures" / "bare_app"
+    return Path(__file__).resolve().parents[0] / "fixtures" / "bare_app"
 
 
 # The slowest files first (measured on a 2-core machine), so that pytest-xdist starts them
@@ -50,10 +50,11 @@ SLOWEST_FIRST = [
     "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT: ~3.5 min
     "test_privacy_e2e_secagg.py",
     "test_privacy_e2e_dp.py",
-    "test_faults.py",  # three deployments, one SIGKILL each: ~3.5-5 min
+    "test_faults.py",  # four deployments, three SIGKILLs and a full disk: ~5-6 min
+    "test_secagg_dropout.py",  # two SecAgg+ deployments, 5 and 3 rounds: ~3.5-6 min
     "test_fault_hung_node.py",  # a 40 s round deadline waited out: ~4.5 min at load 20
-    "test_fault_launcher.py",  # two launcher runs stopped: ~4 min at load 20
-    "test_secagg_dropout.py",
+    "test_fault_launcher.py",  # launcher runs stopped, and one resubmitted: ~5.5 min at load 19
+    "test_integrity_e2e.py",  # five nodes (three rogue), two runs: ~3 min at load 12
     "test_e2e.py",
     "test_observability.py",
     "test_deploy.py",
@@ -79,7 +80,7 @@ class CiImages:
     images: dict[str, str]
     build_seconds: float
     build_output: str
-    base: str  # what they are built on (tests/k8s_federation.py adds Prometheus to it)
+    base: str  # what they are built on (tests/support/k8s_federation.py adds Prometheus to it)
 
 
 @pytest.fixture(scope="session")
@@ -123,6 +124,25 @@ def synthetic_shards(root: Path, nodes: int, images: int) -> Path:
         timeout=300,
     )
     return shards
+
+
+def changed_app_copy(app: Path, dst: Path, parts: tuple[str, ...] = ()) -> Path:
+    """A copy of the Flower app ``app`` (only ``parts`` of it, when given) with one byte
+    added to one of its Python sources: another app, whose FAB hashes differently."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    if parts:
+        dst.mkdir(parents=True)
+        for part in parts:
+            src = app / part
+            if src.is_dir():
+                shutil.copytree(src, dst / part, ignore=ignore)
+            else:
+                shutil.copy2(src, dst / part)
+    else:
+        shutil.copytree(app, dst, ignore=ignore)
+    source = sorted(dst.rglob("*.py"))[-1]
+    source.write_bytes(source.read_bytes() + b"#")
+    return dst
 
 
 def node_configs(shards: Path, nodes: int, cache: Path) -> list[dict]:
@@ -231,7 +251,7 @@ def run_fedsd_up(argv: list[str]) -> tuple[int, str, float, float]:
 def prometheus_server(root: Path, port: int, targets: list) -> Iterator[tuple[str | None, str]]:
     """A real Prometheus on 127.0.0.1:port scraping ``targets`` every second, with the
     repository's alert rules; yields (url or None, why not)."""
-    from fedsd.observability import ALERTS, prometheus_config
+    from fedsd.observability.scrape import ALERTS, prometheus_config
 
     binary = shutil.which("prometheus")
     if binary is None:
@@ -284,9 +304,9 @@ def prometheus_server(root: Path, port: int, targets: list) -> Iterator[tuple[st
 @pytest.fixture(scope="session")
 def e2e_run(tiny_model, tmp_path_factory) -> Iterator[E2ERun]:
     """`fedsd up --local --nodes 2 --rounds 2` once, through the real CLI, with DP-SGD and
-    metrics on explicit free ports, scraped by a real Prometheus (tests/test_e2e.py and
-    tests/test_observability.py share it: one deployment for both)."""
-    from fedsd.observability import MetricsPorts, targets
+    metrics on explicit free ports, scraped by a real Prometheus (tests/e2e/test_e2e.py and
+    tests/e2e/test_observability.py share it: one deployment for both)."""
+    from fedsd.observability.scrape import MetricsPorts, targets
 
     root = tmp_path_factory.mktemp("e2e")
     shards = root / "shards"
