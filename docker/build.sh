@@ -6,9 +6,12 @@
 # CI variant (default): base localhost/fedsd-base:bookworm (docker/ci-setup.sh makes it),
 # torch==2.13.0+cpu from the local wheel directory that pip's configuration on these
 # machines names (PIP_FIND_LINKS / pip config find-links), pip trusting the host's CA
-# bundle. Both are bind-mounted into the build (podman build --volume). --cuda builds the
-# Dockerfiles' defaults (CUDA base and PyPI's CUDA torch for the SuperNode) with docker or
-# podman, which needs a registry.
+# bundle. Both are bind-mounted into the build (podman build --volume). --cuda builds
+# what compose.yaml builds (the SuperNode on a CUDA base with PyPI's CUDA torch, the rest
+# from the Dockerfiles' defaults) with docker or podman, which needs a registry.
+#
+# supernode and serverapp are the two targets of services/app/Dockerfile; the others have
+# services/<name>/Dockerfile.
 #
 # Prints one line per image: name, seconds, size in bytes.
 set -euo pipefail
@@ -20,7 +23,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --tag) tag=$2; shift 2 ;;
     --cuda) cuda=1; shift ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     *) services+=("$1"); shift ;;
     esac
 done
@@ -51,9 +54,17 @@ args+=(--build-arg "SOURCE_DIGEST=$digest")
 
 for svc in "${services[@]}"; do
     image=localhost/fedsd-$svc:$tag
+    case $svc in
+    supernode | serverapp) file=(-f services/app/Dockerfile --target "$svc") ;;
+    *) file=(-f "services/$svc/Dockerfile") ;;
+    esac
+    if [ "$cuda" = 1 ] && [ "$svc" = supernode ]; then
+        file+=(--build-arg "BASE_IMAGE=${FEDSD_CUDA_BASE:-nvidia/cuda:12.8.1-base-ubuntu24.04}"
+            --build-arg "TORCH_SPEC=${FEDSD_TORCH_SPEC:-torch==2.13.0}" --build-arg PIP_EXTRA_INDEX_URL=)
+    fi
     start=$(date +%s)
     log=${TMPDIR:-/tmp}/fedsd-build-$svc.log
-    if ! "$engine" build -f "services/$svc/Dockerfile" -t "$image" "${args[@]}" . >"$log" 2>&1; then
+    if ! "$engine" build "${file[@]}" -t "$image" "${args[@]}" . >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "build of $image failed; full log: $log" >&2
         exit 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Host set-up for the observability test (tests/test_observability.py): Debian's prometheus
+# Host set-up for the observability test (tests/e2e/test_observability.py): Debian's prometheus
 # (2.42) and promtool. Idempotent; needs root (apt-get). The package's service is not
 # started: the test runs its own Prometheus on a free loopback port.
 #

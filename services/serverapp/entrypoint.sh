@@ -7,10 +7,12 @@
 #   certs      fedsd certs --out $FEDSD_CERTS --nodes $FEDSD_NUM_NODES [--host H ...
 #              from FEDSD_CERT_HOSTS], then each consumer's part in its own folder (so a
 #              container mounts only what it needs): superlink/ (ca.crt, superlink.crt,
-#              superlink.key), node-<i>/ (ca.crt, node-key), public/ (ca.crt,
+#              superlink.key), superexec/ (superexec-auth: the SuperLink's and the
+#              SuperExec's shared secret), node-<i>/ (ca.crt, node-key), public/ (ca.crt,
 #              nodes/node-<i>.pub). As root it hands the files to APP_UID (10001).
 #   k8s-certs  the Kubernetes certs Job: create the Secrets fedsd-tls, fedsd-ca,
-#              fedsd-node-keys, fedsd-node-pubkeys when missing (docker/k8s_certs.py)
+#              fedsd-node-keys, fedsd-node-pubkeys when missing
+#              (fedsd/deploy/containers/k8s_certs.py)
 #   superlink-exporter
 #              fedsd superlink-exporter: the SuperLink's health, nodes and runs (asked over
 #              its Control API with the CA) as Prometheus metrics on
@@ -18,10 +20,12 @@
 #              FEDSD_PROBE_INTERVAL seconds [10]
 #   launch register|run
 #              register the node keys / flwr run --stream and exit with the run's status
-#              (docker/launch.py; settings from FEDSD_* variables, see there)
+#              (fedsd/deploy/containers/launch.py; settings from FEDSD_* variables, see there)
 #
 # Environment: SUPERLINK_ADDRESS (Runtime/Control API, host:port) [superlink:9092],
 # FEDSD_CERTS [/certs], FEDSD_CA_CERT [$FEDSD_CERTS/ca.crt], SUPEREXEC_HEALTH_PORT [9096],
+# FEDSD_SUPEREXEC_SECRET (superexec: the secret the SuperLink was started with; without
+# it the SuperLink refuses every task) [/run/secrets/fedsd/superexec-auth],
 # FEDSD_METRICS_PORT (superexec: the ServerApp's metrics exporter, off when empty or 0;
 # see docker/supervise.sh).
 set -euo pipefail
@@ -29,14 +33,17 @@ set -euo pipefail
 . /opt/fedsd/supervise.sh
 certs=${FEDSD_CERTS:-/certs}
 ca=${FEDSD_CA_CERT:-$certs/ca.crt}
+secret=${FEDSD_SUPEREXEC_SECRET:-/run/secrets/fedsd/superexec-auth}
 
 case ${1:-superexec} in
 superexec)
     shift || true
     require_file "$ca" "CA certificate"
+    require_file "$secret" "SuperExec secret (made by fedsd certs or the certs Job)"
     supervise flwr-serverapp flower-superexec \
         --runtime-api-address "${SUPERLINK_ADDRESS:-superlink:9092}" \
         --root-certificates "$ca" \
+        --superexec-auth-secret-file "$secret" \
         --health-server-address "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}" \
         "$@"
     ;;
@@ -50,6 +57,8 @@ certs)
     install -d "$certs/superlink" "$certs/public/nodes"
     install -m 0644 "$certs/ca.crt" "$certs/superlink.crt" "$certs/superlink/"
     install -m 0600 "$certs/superlink.key" "$certs/superlink/"
+    install -d -m 0700 "$certs/superexec"
+    install -m 0600 "$certs/superexec-auth.secret" "$certs/superexec/superexec-auth"
     install -m 0644 "$certs/ca.crt" "$certs/public/"
     for ((i = 0; i < nodes; i++)); do
         install -d "$certs/node-$i"
@@ -60,15 +69,16 @@ certs)
     if [ "$(id -u)" = 0 ]; then
         chown -R "${APP_UID:-10001}:${APP_UID:-10001}" "$certs"
     fi
-    echo "certs: $certs/superlink, $certs/public and $certs/node-0..$((nodes - 1)) ready"
+    echo "certs: $certs/superlink, $certs/superexec, $certs/public and" \
+        "$certs/node-0..$((nodes - 1)) ready"
     ;;
 launch)
     shift
-    exec python /opt/fedsd/launch.py "$@"
+    exec python -m fedsd.deploy.containers.launch "$@"
     ;;
 k8s-certs)
     shift
-    exec python /opt/fedsd/k8s_certs.py "$@"
+    exec python -m fedsd.deploy.containers.k8s_certs "$@"
     ;;
 superlink-exporter)
     shift
@@ -82,11 +92,11 @@ superlink-exporter)
         "$@"
     ;;
 metrics-health)
-    exec python /opt/fedsd/healthcheck.py http \
+    exec python -m fedsd.deploy.containers.healthcheck http \
         "http://127.0.0.1:${FEDSD_METRICS_PORT:-9400}/metrics"
     ;;
 health)
-    exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}"
+    exec python -m fedsd.deploy.containers.healthcheck grpc "127.0.0.1:${SUPEREXEC_HEALTH_PORT:-9096}"
     ;;
 *)
     exec "$@"

@@ -10,6 +10,11 @@
 #   FEDSD_SHARD_DIR        the node's shard, mounted read-only [/data/shard]
 #   FEDSD_CACHE_DIR        latent cache and DP ledgers, writable [/data/cache]
 #   FEDSD_NODE_CONFIG      extra node-config pairs, e.g. 'device="cuda:0"' []
+#   FEDSD_TRUSTED_APPS     the apps this node runs (node config trusted-apps, unless
+#                          FEDSD_NODE_CONFIG sets it): FAB SHA-256 hashes (`fedsd
+#                          app-hash`) and/or self, the FAB of this image's own app in
+#                          FEDSD_APP_DIR [self]; see fedsd/deploy/pinning.py
+#   FEDSD_APP_DIR          this image's copy of the app [/app]
 #   SUPERNODE_HOST         where the SuperNode's own Runtime API listens [127.0.0.1];
 #                          0.0.0.0 in Kubernetes, whose probes dial the pod IP
 #   SUPERNODE_PORT         the SuperNode's own Runtime API port [9094]
@@ -32,8 +37,20 @@ supernode)
     require_file "$key" "node key"
     require_file "$shard/train/metadata.jsonl" "shard (fedsd shards --out DIR writes DIR/shard-<i>/):"
     mkdir -p "$cache"
+    trusted=${FEDSD_TRUSTED_APPS:-self}
+    if [[ ! $trusted =~ ^[0-9A-Za-z,[:space:]]+$ ]]; then
+        echo "entrypoint.sh: FEDSD_TRUSTED_APPS='$trusted': want SHA-256 hashes and/or self" >&2
+        exit 78
+    fi
+    # Every ClientApp passes the app check (fedsd.deploy.pinning): the image's flwr-clientapp is
+    # the guarded one, and self is the FAB of this image's /app.
+    export FEDSD_APP_DIR=${FEDSD_APP_DIR:-/app}
     config="partition-id=${FEDSD_NODE_INDEX:-0} num-partitions=${FEDSD_NUM_NODES:-1}"
-    config+=" shard-dir=\"$shard\" cache-dir=\"$cache\" ${FEDSD_NODE_CONFIG:-}"
+    config+=" shard-dir=\"$shard\" cache-dir=\"$cache\""
+    if [[ ${FEDSD_NODE_CONFIG:-} != *trusted-apps=* ]]; then  # a key twice: Flower refuses
+        config+=" trusted-apps=\"$trusted\""
+    fi
+    config+=" ${FEDSD_NODE_CONFIG:-}"
     supervise flwr-clientapp flower-supernode \
         --superlink "${SUPERLINK_ADDRESS:-superlink:9092}" \
         --root-certificates "$ca" \
@@ -46,7 +63,7 @@ supernode)
         "$@"
     ;;
 health)
-    exec python /opt/fedsd/healthcheck.py grpc "127.0.0.1:${SUPERNODE_HEALTH_PORT:-9095}"
+    exec python -m fedsd.deploy.containers.healthcheck grpc "127.0.0.1:${SUPERNODE_HEALTH_PORT:-9095}"
     ;;
 *)
     exec "$@"
