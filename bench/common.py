@@ -6,7 +6,7 @@ temporary directory, and never downloads anything.
 
 Models (``--model``):
 
-* ``tiny``: ``fedsd.model.write_tiny_pipeline``, a few-hundred-kB random pipeline.
+* ``tiny``: ``fedsd.ml.model.write_tiny_pipeline``, a few-hundred-kB random pipeline.
   Fast; its compute balance (VAE vs text encoder vs UNet) says nothing about a real
   model.
 * ``sd-shape``: a *randomly initialised* pipeline with the real shapes: the Segmind
@@ -22,6 +22,7 @@ fedsd's own loaders, so the real loading path is what runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,6 +46,21 @@ MODEL_KINDS = ("tiny", "sd-shape")
 TINY_SD_UNET_PARAMS = 323_384_964
 
 _T0 = time.perf_counter()
+
+
+def bench_parser(doc: str, model: str = "tiny") -> argparse.ArgumentParser:
+    """The arguments every model bench shares: ``--model`` and ``--resolution``."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=model,
+        help=f"one of {', '.join(MODEL_KINDS)} (random weights) or a diffusers SD-1.x directory",
+    )
+    p.add_argument("--resolution", type=int, default=64, help="training resolution (px)")
+    return p
 
 
 def say(msg: str) -> None:
@@ -119,7 +135,7 @@ def round_floats(obj: Any, digits: int = 6) -> Any:
 
 def build_model(model: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
     """Return (pipeline directory, kind) for ``--model`` (tiny, sd-shape or a directory)."""
-    from fedsd.model import resolve_model, write_tiny_pipeline
+    from fedsd.ml.model import resolve_model, write_tiny_pipeline
 
     if model == "tiny":
         return write_tiny_pipeline(work_dir / "tiny-model", seed=seed), "tiny"
@@ -162,7 +178,7 @@ def write_sd_shape_pipeline(out: str | Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from fedsd.model import write_random_pipeline
+    from fedsd.ml.model import write_random_pipeline
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -231,7 +247,7 @@ def synthetic_shards(
     seed: int = 0,
 ) -> tuple[list[Path], dict[str, Any]]:
     """Write fedsd shards of the synthetic flower set; return shard dirs and manifest."""
-    from fedsd.data import write_shards
+    from fedsd.ml.data import write_shards
 
     manifest = write_shards(
         source="synthetic",
@@ -245,3 +261,70 @@ def synthetic_shards(
         synthetic_images=images,
     )
     return [out / s["name"] for s in manifest["shards"]], manifest
+
+
+# --------------------------------------------------------------------------- federation
+
+
+class InProcessGrid:
+    """A Flower Grid in one process: each message goes straight to the ClientApp handler
+    (``fedsd.client_app.train`` / ``evaluate``) of its destination node. The ServerApp's
+    round loop runs unchanged on it; only the transport is missing. A node's error is
+    raised, not turned into an error reply: an honest benchmark node must not fail."""
+
+    def __init__(self, contexts: dict[int, Any]) -> None:
+        self.contexts = contexts
+        self.replies: list[Any] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        """Handle every message at once; its reply waits for :meth:`pull_messages`."""
+        from fedsd import client_app
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}"
+            ids.append(msg.metadata.message_id)
+            kind = msg.metadata.message_type
+            handler = client_app.train if kind == "train" else client_app.evaluate
+            self.replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+        return ids
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        wanted = set(ids)
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in wanted]
+        self.replies = [r for r in self.replies if r.metadata.reply_to_message_id not in wanted]
+        return got
+
+
+def in_process_contexts(
+    run_config: dict[str, Any],
+    shards: list[Path],
+    cache: Path,
+    node_config: dict[str, Any] | None = None,
+) -> dict[int, Any]:
+    """Node id -> Flower ``Context`` of node i (shard i, a shared latent cache), as a
+    SuperNode would build it, for :class:`InProcessGrid`. Also gives this process the
+    Flower task identity that building a ``Message`` outside a real run needs."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        setattr(TaskIdentity, attr, 1)
+    return {
+        101 + i: Context(
+            run_id=1,
+            node_id=101 + i,
+            node_config={
+                "partition-id": i,
+                "shard-dir": str(shard),
+                "cache-dir": str(cache),
+                **(node_config or {}),
+            },
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        for i, shard in enumerate(shards)
+    }

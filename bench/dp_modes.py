@@ -5,8 +5,8 @@ What it measures
 One training step of the UNet's LoRA adapter on a fixed random batch, timed two ways side
 by side in one process:
 
-* ``plain`` -- what ``fedsd.training.train_lora`` does per step: ``zero_grad``, forward
-  through ``fedsd.training.denoising_loss`` (noise the latents at a random timestep,
+* ``plain`` -- what ``fedsd.ml.training.train_lora`` does per step: ``zero_grad``, forward
+  through ``fedsd.ml.training.denoising_loss`` (noise the latents at a random timestep,
   predict, MSE to the epsilon target; bf16 autocast on CUDA, fp32 on CPU), ``backward``,
   ``AdamW.step`` over the trainable (LoRA) parameters.
 * one DP-SGD step per Opacus ``grad_sample_mode`` (``--modes``): the same UNet, LoRA and
@@ -36,7 +36,7 @@ by side in one process:
 
 Every configuration (plain and each mode) gets its own copy of one randomly initialised
 base UNet (the frozen base weights are shared, not copied, to save memory; only LoRA
-trains) with a fresh LoRA from ``fedsd.model.add_lora`` (rank 8, alpha 8, targets
+trains) with a fresh LoRA from ``fedsd.ml.model.add_lora`` (rank 8, alpha 8, targets
 to_q,to_k,to_v,to_out.0; same seed, so every copy starts from the same adapter), its own
 AdamW (lr 1e-4, weight decay 1e-2, as ``train_lora``) and its own ``PrivacyEngine``, so
 Opacus' wrapping and hooks of one mode cannot affect another. Latents ``(B, 4, r/8, r/8)``,
@@ -109,9 +109,9 @@ too, so the ratios are resolution-specific in any case.
 Models (``--model``): ``sd-shape`` (default) builds the Segmind Tiny-SD / BK-SDM-Tiny UNet
 shape in memory with random weights (the same config as ``common.write_sd_shape_pipeline``,
 parameter count checked; no VAE or text encoder is needed, so nothing is written to disk);
-``tiny`` writes ``fedsd.model.write_tiny_pipeline`` to a temporary directory (a toy, for a
+``tiny`` writes ``fedsd.ml.model.write_tiny_pipeline`` to a temporary directory (a toy, for a
 smoke run; its ratios say nothing about a real model); a directory is any diffusers SD-1.x
-pipeline, of which only the UNet is loaded (``fedsd.model.load_unet``).
+pipeline, of which only the UNet is loaded (``fedsd.ml.model.load_unet``).
 
 Usage::
 
@@ -217,7 +217,7 @@ def sd_shape_unet(seed: int) -> Any:
 
 def build_base_unet(model: str, work: Path, seed: int) -> tuple[Any, str]:
     """The frozen base UNet (no LoRA) for ``--model``, and its kind."""
-    from fedsd.model import load_unet, resolve_model, write_tiny_pipeline
+    from fedsd.ml.model import load_unet, resolve_model, write_tiny_pipeline
 
     if model == "sd-shape":
         return sd_shape_unet(seed), "sd-shape"
@@ -228,7 +228,7 @@ def build_base_unet(model: str, work: Path, seed: int) -> tuple[Any, str]:
 
 def lora_copy(base: Any, cfg: Any, device: Any) -> Any:
     """A copy of ``base`` sharing its frozen weights, with a fresh LoRA from fedsd."""
-    from fedsd.model import add_lora
+    from fedsd.ml.model import add_lora
 
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     unet = add_lora(copy.deepcopy(base, memo=shared), cfg)
@@ -278,7 +278,7 @@ class DenoisingCriterion:
         self.reduction = reduction
 
     def __call__(self, unet, scheduler, latents, noise, t, cond, device):
-        from fedsd.training import denoising_loss
+        from fedsd.ml.training import denoising_loss
 
         per = denoising_loss(unet, scheduler, latents, noise, t, cond, device, per_sample=True)
         if self.reduction == "none":
@@ -348,7 +348,7 @@ class Config:
 
 def make_step(model, optimizer, scheduler, batch, device, criterion=None) -> Callable[[], float]:
     """One training step: zero_grad, forward (denoising loss), backward, optimizer step."""
-    from fedsd.training import denoising_loss
+    from fedsd.ml.training import denoising_loss
 
     latents, noise, t, cond = batch
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from fedsd.config import RunConfig
-    from fedsd.training import pick_device
+    from fedsd.ml.training import pick_device
 
     warnings.filterwarnings("ignore", module="opacus")  # secure-RNG and accountant notices
     # hooks on the first LoRA layers, whose inputs need no grad: harmless, once per mode

@@ -14,7 +14,7 @@ aggregate (and the initial adapter) is scored on every node's validation split
 (``NodeTask.evaluate``) wherever the server loop schedules it, and read back from the
 run's ``history.json``.
 
-The shards are written by ``fedsd.data.write_shards(source="synthetic")`` (``iid`` and
+The shards are written by ``fedsd.ml.data.write_shards(source="synthetic")`` (``iid`` and
 ``dirichlet`` with ``--alpha``, 0.1 by default: strongly label-skewed nodes). All
 variants share the shards, the seeds (so the same initial A, data order, noise and
 timesteps) and the number of rounds; every (partitioner, learning rate, seed) cell is
@@ -44,7 +44,7 @@ How to read the JSON
   (NodeTask set-up with the UNet load, any evaluation the handler does, training).
 * ``aggregation_inexactness``: per round, for each LoRA module,
   ``||mean_i(B_i A_i) - mean(B) mean(A)||_F / ||mean_i(B_i A_i)||_F`` (image-weighted
-  means over nodes, computed with ``fedsd.aggregation.weighted_mean``), averaged over
+  means over nodes, computed with ``fedsd.fl.aggregation.weighted_mean``), averaged over
   modules: how far the averaged adapter is from the average of the nodes' actual
   weight updates. FedAvg of plain LoRA is inexact; FFA's is exact because A is shared
   (it is computed for FFA too, as a check: float32 rounding only).
@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 from common import (
-    MODEL_KINDS,
+    bench_parser,
     build_model,
     emit,
     environment,
@@ -98,16 +98,7 @@ VARIANTS = ("lora", "ffa")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--model",
-        default="tiny",
-        help=f"one of {', '.join(MODEL_KINDS)} (random weights) or a diffusers SD-1.x directory",
-    )
-    p.add_argument("--resolution", type=int, default=64, help="training resolution (px)")
+    p = bench_parser(__doc__)
     p.add_argument("--nodes", type=int, default=2, help="nodes (shards)")
     p.add_argument(
         "--partitioner",
@@ -196,7 +187,7 @@ def inexactness(
     full: list[tuple[dict[str, np.ndarray], float]],
 ) -> float:
     """Mean over modules of ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F."""
-    from fedsd.aggregation import weighted_mean
+    from fedsd.fl.aggregation import weighted_mean
 
     keys = full[0][0]
     modules = sorted(k.split(".lora_A.")[0] for k in keys if ".lora_A." in k)
@@ -226,7 +217,7 @@ def inexactness(
 def trainable_parameters(model_path: Path, variant: str, args: argparse.Namespace) -> dict:
     """LoRA parameters that require grad, and all LoRA parameters, after ``add_lora``."""
     from fedsd.config import RunConfig
-    from fedsd.model import add_lora, load_unet
+    from fedsd.ml.model import add_lora, load_unet
 
     cfg = RunConfig.from_mapping(
         {

@@ -13,9 +13,9 @@ times, alternating which arm goes first):
   tokenized prompts, then the UNet LoRA step (noise, uniform timestep, ``add_noise``,
   MSE, AdamW). The baseline gets its resize/crop and tokenization done once up front,
   for free, so its cost is, if anything, understated and the speedup a lower bound.
-* ``with_cache`` -- fedsd's path: ``fedsd.training.encode_split`` once (VAE posterior of
+* ``with_cache`` -- fedsd's path: ``fedsd.ml.training.encode_split`` once (VAE posterior of
   each image and its mirror, one text embedding per distinct prompt), then
-  ``fedsd.training.train_lora`` on the cached latents. Same UNet step.
+  ``fedsd.ml.training.train_lora`` on the cached latents. Same UNet step.
 
 Both arms use the UNet that ``fedsd.task.NodeTask`` builds (``load_unet`` + ``add_lora``
 from the run config) and are reset to the same seeded initial LoRA before they run; an
@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    MODEL_KINDS,
+    bench_parser,
     build_model,
     component_parameters,
     emit,
@@ -90,16 +90,7 @@ from common import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--model",
-        default="sd-shape",
-        help=f"one of {', '.join(MODEL_KINDS)} (random weights) or a diffusers SD-1.x directory",
-    )
-    p.add_argument("--resolution", type=int, default=64, help="training resolution (px)")
+    p = bench_parser(__doc__, model="sd-shape")
     p.add_argument("--images", type=int, default=16, help="images in the shard")
     p.add_argument("--epochs", type=int, default=1, help="epochs each arm trains")
     p.add_argument("--batch-size", type=int, default=4, help="images per step")
@@ -146,14 +137,14 @@ def reference_train(
 ) -> dict[str, float]:
     """The reference examples' loop: frozen encoders run at every step, then the UNet step.
 
-    The UNet step is the same as ``fedsd.training.train_lora``'s (AdamW with the same
+    The UNet step is the same as ``fedsd.ml.training.train_lora``'s (AdamW with the same
     settings, epsilon/v target, bf16 autocast on CUDA only).
     """
     import time
 
     import torch
 
-    from fedsd.training import autocast_for, denoising_loss
+    from fedsd.ml.training import autocast_for, denoising_loss
 
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
@@ -204,10 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from fedsd.config import RunConfig
-    from fedsd.data import load_split
-    from fedsd.model import get_lora_state, init_lora_arrays, set_lora_state
+    from fedsd.ml.data import load_split
+    from fedsd.ml.model import get_lora_state, init_lora_arrays, set_lora_state
+    from fedsd.ml.training import LatentCache, encode_split, image_tensor, train_lora
     from fedsd.task import NodeSettings, NodeTask
-    from fedsd.training import LatentCache, encode_split, image_tensor, train_lora
 
     with tempfile.TemporaryDirectory(prefix="fedsd-bench-cache-") as tmp:
         work = Path(tmp)

@@ -5,8 +5,9 @@
 
 Each panel of the dashboard JSON (default docker/grafana/dashboards/training-health.json)
 becomes a subplot at its Grafana grid position; each target's PromQL is run through
-``/api/v1/query_range`` (Grafana variables expanded as fedsd.dashboards.expand does) and
-drawn with its legend format. Stat panels show their last value. Needs matplotlib
+``/api/v1/query_range`` (Grafana variables expanded as
+fedsd.observability.dashboards.expand does) and drawn with its legend format. Stat panels
+show their last value. Needs matplotlib
 (``pip install -e ".[plots]"``).
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsd.dashboards import expand  # noqa: E402
+from fedsd.observability.dashboards import expand  # noqa: E402
 
 DEFAULT_DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "training-health.json"
 

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsd.deploy import run_local  # noqa: E402
+from fedsd.deploy.up import run_local  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -36,8 +36,8 @@ def _log(msg: str) -> None:
 
 
 def run_fedsd(work: Path, nodes: int, rounds: int, resolution: int) -> dict:
-    from fedsd.data import write_shards
-    from fedsd.model import write_tiny_pipeline
+    from fedsd.ml.data import write_shards
+    from fedsd.ml.model import write_tiny_pipeline
 
     model = write_tiny_pipeline(work / "model")
     write_shards(
@@ -109,6 +109,10 @@ def run_bare(work: Path, nodes: int, rounds: int, payload_bytes: int) -> dict:
         for line in lines
         if (m := re.search(r"fedsd round \d+/\d+: .*, ([0-9.]+)s$", line))
     ]
+    if len(per_round) != rounds:  # the bare app's line changed: say so, not a mean of nothing
+        raise SystemExit(
+            f"parsed {len(per_round)} of {rounds} bare round lines from:\n" + "\n".join(lines)
+        )
     return {"wall_seconds": wall, "round_seconds": per_round, "array_floats": floats}
 
 

@@ -36,8 +36,9 @@ from common import emit, round_floats, say, synthetic_shards  # noqa: E402
 
 
 def measure(nodes: int, rounds: int, work: Path) -> dict:
-    from fedsd.deploy import LocalDeployment, build_run_config, find_app_dir
-    from fedsd.model import write_tiny_pipeline
+    from fedsd.deploy.local import LocalDeployment
+    from fedsd.deploy.run_config import build_run_config, find_app_dir
+    from fedsd.ml.model import write_tiny_pipeline
 
     model = write_tiny_pipeline(work / "model")
     shard_dirs, _ = synthetic_shards(
