@@ -8,7 +8,7 @@ DEMO ?= runs/demo
 NODES ?= 2
 ROUNDS ?= 2
 
-.PHONY: install host-setup demo test lint bench clean
+.PHONY: install host-setup images demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -38,12 +38,20 @@ host-setup: install
 	bash docker/ci-setup.sh $(VENV)
 	bash docker/ci-observability.sh
 
-# Four workers on two cores: the end-to-end tests mostly wait (polls, process starts,
-# image builds), so they overlap well. One file per worker (a module or session fixture
+# The :ci images the container and Kubernetes tests run, built before pytest starts. Built
+# cold inside the suite, beside four workers of end-to-end deployments, they took 24 min
+# at load 20 on 2 cores: the two tests that need them waited that long, and the pip
+# installs slowed every deployment past its deadlines. The tests build them again through
+# podman's layer cache (seconds per image), so `make images` is optional before a test.
+images: host-setup
+	bash docker/build.sh --tag $${FEDSD_IMAGE_TAG:-ci}
+
+# Four workers on two cores. The suite is CPU-bound there (0 % idle through a full run
+# with the images prebuilt); fewer workers were not measured. One file per worker (a module or session fixture
 # holds one deployment: tests that share one live in one file); tests/conftest.py puts the
 # slowest files first. (Not loadgroup: pytest 9 ignores the nodeid suffix it relies on.)
 PYTEST_WORKERS ?= 4
-test: lint host-setup
+test: lint images
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.
