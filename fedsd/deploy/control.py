@@ -1,10 +1,11 @@
-"""The Flower control client of one deployment: the ``flwr`` CLI, run as a subprocess.
+"""The Flower control client of one deployment: the ``flwr`` CLI, run as a subprocess, and
+for node registration Flower's Control API client in-process.
 
-``fedsd up --local`` and the launchers (``fedsd.deploy.containers.launch``) drive their SuperLink's
-Control API only through the ``flwr`` command, with their own FLWR_HOME holding the
-``local`` connection (``fedsd.common.flwr_config``). ``flwr ... --format json`` exits 0
+``fedsd up --local`` and the launchers (``fedsd.deploy.containers.launch``) drive their
+SuperLink's Control API with their own FLWR_HOME holding the ``local`` connection
+(``fedsd.common.flwr_config``). ``flwr ... --format json`` exits 0
 even when the command failed, so each answer is read from its JSON, not its exit status.
-No Flower runtime is imported.
+Registration, many requests at once, goes in-process (``fedsd.common.control_api``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsd.common.control_api import ControlApi
 from fedsd.common.errors import DeployError
 from fedsd.deploy.certs import NodeKey
 from fedsd.deploy.processes import executable
@@ -34,6 +35,7 @@ class FlowerControl:
         self.env = env  # the deployment's own dict: later changes to it apply here too
         self.cwd = Path(cwd)
         self.connection = connection
+        self._api: ControlApi | None = None
 
     def flwr(
         self, *args: str, timeout: float = 60.0, check: bool = False
@@ -58,48 +60,23 @@ class FlowerControl:
             )
         return res
 
-    def register_nodes(self, keys: Sequence[NodeKey], timeout: float) -> dict[str, str]:
-        """Register node public keys (concurrently: each flwr call costs ~2 s of start-up),
-        all within ``timeout`` s. Returns ``{public key: registered | already registered}``."""
-        argv_base = [executable("flwr"), "supernode", "register"]
-        procs = [
-            subprocess.Popen(
-                [*argv_base, str(k.public_key), self.connection, "--format", "json"],
-                env=dict(self.env),
-                cwd=self.cwd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-            for k in keys
-        ]
-        results: dict[str, str] = {}
-        errors: list[str] = []
-        # One budget shared by processes that run at once: not a poll loop.
-        deadline = time.monotonic() + timeout
-        for key, proc in zip(keys, procs, strict=True):
-            try:
-                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                errors.append(f"{key.public_key}: not registered within {timeout:g}s")
-                continue
-            try:
-                results[str(key.public_key)] = _register_outcome(proc.returncode, out, err)
-            except DeployError as exc:
-                errors.append(f"{key.public_key}: {exc}")
-        if errors:
-            raise DeployError("node registration failed:\n" + "\n".join(errors))
-        return results
+    def api(self) -> ControlApi:
+        """The in-process Control API client of this connection (``FLWR_HOME`` read now:
+        the deployment may have moved it since)."""
+        home = self.env.get("FLWR_HOME")
+        if self._api is None or self._api.flwr_home != home:
+            self._api = ControlApi(self.connection, home)
+        return self._api
+
+    def register_nodes(self, keys: Sequence[NodeKey]) -> dict[str, str]:
+        """Register node public keys, one in-process request each (a ``flwr`` process per
+        key costs ~2 s of CPU; Flower's client bounds each request at 30 s). Returns
+        ``{public key: registered | already registered}``; the first refusal raises."""
+        return {str(k.public_key): self.register_node(k.public_key) for k in keys}
 
     def register_node(self, public_key: str | os.PathLike[str]) -> str:
         """Register one key; returns ``registered`` or ``already registered`` (not an error)."""
-        res = self.flwr(
-            "supernode", "register", str(public_key), self.connection, "--format", "json"
-        )
-        return _register_outcome(res.returncode, res.stdout, res.stderr)
+        return self.api().register_node(public_key)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list`` as dicts (node-id, status, ...)."""
@@ -135,14 +112,3 @@ def _json_payload(text: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None
-
-
-def _register_outcome(returncode: int | None, stdout: str, stderr: str) -> str:
-    """Interpret ``flwr supernode register --format json`` (which exits 0 even on failure)."""
-    payload = _json_payload(stdout) or {}
-    if payload.get("success"):
-        return "registered"
-    message = str(payload.get("error-message", "")) + stdout + stderr
-    if "already in use" in message:
-        return "already registered"
-    raise DeployError(f"registration failed (exit {returncode}): {message.strip()}")

@@ -299,9 +299,9 @@ class LocalDeployment:
         return self.control.flwr(*args, timeout=timeout, check=check)
 
     def register_nodes(self, keys: Sequence[NodeKey] | None = None) -> dict[str, str]:
-        """Register node public keys (default: this deployment's) within startup_timeout."""
+        """Register node public keys (default: this deployment's)."""
         keys = list(keys if keys is not None else self._require_certs().node_keys)
-        return self.control.register_nodes(keys, timeout=self.startup_timeout)
+        return self.control.register_nodes(keys)
 
     def run_status(self, run_id: str) -> tuple[str | None, str | None]:
         """``(status, status-details)`` of a run from ``flwr ls --run-id``."""

@@ -22,8 +22,6 @@ reported as zero nodes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import ssl
@@ -37,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsd.common.control_api import ControlApi
 from fedsd.common.flwr_config import write_connection
 from fedsd.common.health import health_url, probe_health
 
@@ -66,24 +65,11 @@ def run_state(status: str) -> str:
 
 
 class FlowerProbe:
-    """Health, nodes and runs of the SuperLink behind connection ``name`` of ``flwr_home``.
-
-    ``flwr_home`` is put in ``FLWR_HOME`` of this process: Flower reads its config from there.
-    """
+    """Health, nodes and runs of the SuperLink behind connection ``name`` of ``flwr_home``."""
 
     def __init__(self, name: str | None = None, flwr_home: str | os.PathLike[str] | None = None):
-        if flwr_home is not None:
-            os.environ["FLWR_HOME"] = str(flwr_home)
-        from flwr.cli.flower_config import read_superlink_connection
-
-        self.connection = read_superlink_connection(name)
-        if not self.connection.address or self.connection.address.startswith(":"):
-            # flwr treats ":local:" addresses as "start a simulation SuperLink": never here.
-            raise ValueError(
-                f"connection {self.connection.name!r} has no SuperLink address "
-                f"({self.connection.address!r}); the exporter only watches a running SuperLink"
-            )
-        self._client: Any = None
+        self.api = ControlApi(name, flwr_home)
+        self.connection = self.api.connection
 
     @property
     def health_url(self) -> str:
@@ -101,47 +87,13 @@ class FlowerProbe:
         if why is not None:
             raise OSError(why)
 
-    def _control(self) -> Any:
-        if self._client is None:
-            from flwr.cli.utils import init_http_client_from_connection
-
-            with contextlib.redirect_stdout(io.StringIO()):  # "Using SuperLink: ..." per call
-                self._client = init_http_client_from_connection(self.connection)
-        return self._client
-
-    def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-
     def nodes(self) -> list[tuple[str, str]]:
         """``(node id, status)`` of every node the SuperLink knows, as ``flwr supernode list``."""
-        from flwr.proto.control_pb2 import ListNodesRequest
-
-        try:
-            res = self._control().ListNodes(ListNodesRequest())
-        except Exception:
-            self._drop_client()  # a restarted SuperLink: reconnect next time
-            raise
-        return [(str(n.node_id), str(n.status)) for n in res.nodes_info]
+        return self.api.list_nodes()
 
     def runs(self) -> list[str]:
         """The status of every run, as ``flwr ls`` lists them (``finished:x`` -> ``x``)."""
-        from flwr.common.serde import run_from_proto
-        from flwr.proto.control_pb2 import ListRunsRequest
-
-        try:
-            res = self._control().ListRuns(ListRunsRequest())
-        except Exception:
-            self._drop_client()
-            raise
-        out = []
-        for proto in res.run_dict.values():
-            status = run_from_proto(proto).status
-            full = f"{status.status}:{status.sub_status}" if status.sub_status else status.status
-            out.append(run_state(full))
-        return out
+        return [run_state(status) for _, status in self.api.list_runs()]
 
     def __call__(self) -> Snapshot:
         """Probe health, then (when healthy) nodes and runs."""

@@ -3,10 +3,7 @@ read (the CLI exits 0 on failure too). Against a real SuperLink: tests/e2e/test_
 
 from __future__ import annotations
 
-import pytest
-
-from fedsd.common.errors import DeployError
-from fedsd.deploy.control import _json_payload, _register_outcome
+from fedsd.deploy.control import _json_payload
 
 
 def test_json_payload_skips_what_flwr_prints_before_the_json():
@@ -17,11 +14,3 @@ def test_json_payload_skips_what_flwr_prints_before_the_json():
     assert _json_payload("no json here") is None
     assert _json_payload("{not json") is None
     assert _json_payload("[1, 2]") is None  # a list is no answer
-
-
-def test_register_outcome_reads_the_json_not_the_exit_status():
-    assert _register_outcome(0, '{"success": true}', "") == "registered"
-    taken = '{"success": false, "error-message": "Public key already in use"}'
-    assert _register_outcome(0, taken, "") == "already registered"
-    with pytest.raises(DeployError, match=r"registration failed \(exit 0\): .*denied"):
-        _register_outcome(0, '{"success": false, "error-message": "denied"}', "")
