@@ -27,6 +27,14 @@ from fedsd.common.errors import DeployError
 _ENV_LOCK = threading.RLock()  # os.environ is process-wide: one FLWR_HOME at a time
 
 
+class RefusedError(DeployError):
+    """The SuperLink answered, and refused the request (its answer is in the message)."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
 class ControlApi:
     """The Control API of the SuperLink behind connection ``name`` of ``flwr_home``
     (``None``: this process's ``FLWR_HOME``; the default connection when ``name`` is None)."""
@@ -64,19 +72,32 @@ class ControlApi:
                     os.environ["FLWR_HOME"] = before
 
     def call(self, method: str, request: Any) -> Any:
-        """``ControlHttpClient.METHOD(request)``; any failure drops the client, so the next
-        call reconnects (a restarted SuperLink)."""
-        with self._home():
-            if self._client is None:
-                from flwr.cli.utils import init_http_client_from_connection
+        """``ControlHttpClient.METHOD(request)``. A refusal raises ``RefusedError`` (with the
+        SuperLink's answer), anything else ``DeployError``; either drops the client, so the
+        next call reconnects (a restarted SuperLink)."""
+        import httpx
 
-                with contextlib.redirect_stdout(io.StringIO()):  # "Using SuperLink: ..."
-                    self._client = init_http_client_from_connection(self.connection)
+        with self._home():
             try:
+                if self._client is None:
+                    from flwr.cli.utils import init_http_client_from_connection
+
+                    with contextlib.redirect_stdout(io.StringIO()):  # "Using SuperLink: ..."
+                        self._client = init_http_client_from_connection(self.connection)
                 return getattr(self._client, method)(request)
-            except Exception:
+            except httpx.HTTPStatusError as exc:
                 self.close()
-                raise
+                raise RefusedError(
+                    f"SuperLink {self.connection.address} refused {method} "
+                    f"(HTTP {exc.response.status_code}): {exc.response.text.strip()}",
+                    exc.response.status_code,
+                ) from None
+            except Exception as exc:  # transport errors, click errors from Flower's helpers
+                self.close()
+                raise DeployError(
+                    f"{method}: SuperLink {self.connection.address} unreachable: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
 
     def close(self) -> None:
         """Close the HTTP client (a later call opens a new one)."""
@@ -88,27 +109,43 @@ class ControlApi:
     def register_node(self, public_key: str | os.PathLike[str]) -> str:
         """Register the node key in OpenSSH file ``public_key``: ``registered``, or ``already
         registered`` (not an error: the SuperLink's state outlived an earlier ``up``)."""
-        import httpx
         from flwr.proto.control_pb2 import RegisterNodeRequest
 
+        request = RegisterNodeRequest(public_key=key_bytes(public_key))
         try:
-            res = self.call("RegisterNode", RegisterNodeRequest(public_key=key_bytes(public_key)))
-        except httpx.HTTPStatusError as exc:
-            body = exc.response.text
-            if "already in use" in body:
+            res = self.call("RegisterNode", request)
+        except RefusedError as exc:
+            if "already in use" in str(exc):
                 return "already registered"
-            raise DeployError(
-                f"SuperLink refused node key {public_key} (HTTP {exc.response.status_code}): "
-                f"{body.strip()}"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise DeployError(
-                f"node key {public_key}: SuperLink {self.connection.address} unreachable: "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
+            raise RefusedError(f"node key {public_key}: {exc}", exc.http_status) from None
         if not res.node_id:
             raise DeployError(f"SuperLink returned no node id for key {public_key}")
         return "registered"
+
+    def run_status(self, run_id: str | int) -> tuple[str | None, str | None]:
+        """``(status, details)`` of one run, as ``flwr ls --run-id`` shows them
+        (``finished:completed``, ...); ``(None, None)`` for a run the SuperLink does not know."""
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        try:
+            res = self.call("ListRuns", ListRunsRequest(run_id=int(run_id)))
+        except RefusedError as exc:
+            if exc.http_status == 404:  # Flower: "Run ID not found."
+                return None, None
+            raise
+        for key, proto in res.run_dict.items():
+            if str(key) == str(run_id):
+                status = run_from_proto(proto).status
+                return _status_text(status), status.details or None
+        return None, None
+
+    def stop_run(self, run_id: str | int) -> None:
+        """Ask the SuperLink to stop a run (``flwr stop``); ``DeployError`` if it refuses."""
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        if not self.call("StopRun", StopRunRequest(run_id=int(run_id))).success:
+            raise DeployError(f"SuperLink {self.connection.address} did not stop run {run_id}")
 
     def list_nodes(self) -> list[tuple[str, str]]:
         """``(node id, status)`` of every node the SuperLink knows, as ``flwr supernode list``."""
@@ -123,12 +160,12 @@ class ControlApi:
         from flwr.proto.control_pb2 import ListRunsRequest
 
         res = self.call("ListRuns", ListRunsRequest())
-        out = []
-        for run_id, proto in res.run_dict.items():
-            status = run_from_proto(proto).status
-            full = f"{status.status}:{status.sub_status}" if status.sub_status else status.status
-            out.append((str(run_id), full))
-        return out
+        return [(str(i), _status_text(run_from_proto(p).status)) for i, p in res.run_dict.items()]
+
+
+def _status_text(status: Any) -> str:
+    """``status:sub_status`` as the ``flwr`` CLI prints a run's status (``finished:failed``)."""
+    return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
 
 
 def key_bytes(public_key: str | os.PathLike[str]) -> bytes:

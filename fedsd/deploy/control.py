@@ -1,21 +1,18 @@
-"""The Flower control client of one deployment: the ``flwr`` CLI, run as a subprocess, and
-for node registration Flower's Control API client in-process.
+"""The Flower control client of one deployment.
 
-``fedsd up --local`` and the launchers (``fedsd.deploy.containers.launch``) drive their
-SuperLink's Control API with their own FLWR_HOME holding the ``local`` connection
-(``fedsd.common.flwr_config``). ``flwr ... --format json`` exits 0
-even when the command failed, so each answer is read from its JSON, not its exit status.
-Registration, many requests at once, goes in-process (``fedsd.common.control_api``).
+Requests (register a node, list nodes, a run's status, stop a run) go through Flower's own
+Control API client in-process (``fedsd.common.control_api``): a ``flwr`` process per request
+cost ~2 s of CPU, and under load ``flwr stop`` and concurrent registrations missed their
+deadlines. ``flwr()`` still runs any other ``flwr`` command against the same connection
+(``FLWR_HOME/config.toml``, ``fedsd.common.flwr_config``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from fedsd.common.control_api import ControlApi
 from fedsd.common.errors import DeployError
@@ -78,37 +75,19 @@ class FlowerControl:
         """Register one key; returns ``registered`` or ``already registered`` (not an error)."""
         return self.api().register_node(public_key)
 
-    def list_nodes(self) -> list[dict[str, Any]]:
-        """``flwr supernode list`` as dicts (node-id, status, ...)."""
-        res = self.flwr("supernode", "list", self.connection, "--format", "json")
-        payload = _json_payload(res.stdout)
-        if not payload or not payload.get("success"):
-            raise DeployError(f"`flwr supernode list` failed: {res.stdout}{res.stderr}")
-        return list(payload.get("nodes", []))
+    def list_nodes(self) -> list[dict[str, str]]:
+        """Every node the SuperLink knows, as ``flwr supernode list`` (``node-id``, ``status``)."""
+        return [{"node-id": i, "status": st} for i, st in self.api().list_nodes()]
 
     def run_status(self, run_id: str) -> tuple[str | None, str | None]:
-        """``(status, status-details)`` of a run from ``flwr ls --run-id``."""
-        res = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
-        payload = _json_payload(res.stdout) or {}
-        for run in payload.get("runs", []):
-            if str(run.get("run-id")) == str(run_id):
-                return run.get("status"), run.get("status-details")
-        return None, None
+        """``(status, details)`` of a run, as ``flwr ls --run-id`` shows them."""
+        return self.api().run_status(run_id)
 
-    def stop_run(self, run_id: str, timeout: float = 30.0) -> None:
-        """``flwr stop RUN_ID``; a failure is not an error (the run may be gone already)."""
+    def stop_run(self, run_id: str, *, check: bool = False) -> None:
+        """Stop a run (``flwr stop``); a failure raises only with ``check`` (unchecked: the
+        run may be gone already)."""
         try:
-            self.flwr("stop", str(run_id), self.connection, timeout=timeout)
+            self.api().stop_run(run_id)
         except DeployError:
-            pass
-
-
-def _json_payload(text: str) -> dict[str, Any] | None:
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        data = json.loads(text[start:])
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
+            if check:
+                raise

@@ -341,6 +341,7 @@ def test_registered_node_connects_and_reregistration_is_harmless(superlink):
     dep = superlink
     # Registering an already registered key (a re-run on the same state.db) is not an error.
     assert dep.control.register_node(dep.certs.node_keys[0].public_key) == "already registered"
+    assert dep.control.run_status("987654321") == (None, None)  # a run the SuperLink never had
     svc = dep.start_supernode(0, name="supernode-good", extra_args=["--max-retries", "3"])
     try:
         ids = dep.wait_nodes_online(timeout=60)
@@ -430,7 +431,7 @@ def test_superexec_without_the_secret_is_refused_the_run(superlink, bare_app_dir
             time.sleep(1.0)
         assert status in ("starting", "running", "finished:completed"), status
     finally:
-        dep.flwr("stop", run_id, CONNECTION, timeout=60)
+        dep.control.stop_run(run_id, check=True)
         for name in ("rogue-superexec", "superexec"):
             svc = dep.services.pop(name, None)
             if svc is not None:

@@ -61,7 +61,6 @@ from fedsd.common.errors import DeployError
 from fedsd.common.health import poll_until
 from fedsd.config import ConfigError, RunConfig
 from fedsd.deploy.certs import NodeKey
-from fedsd.deploy.control import CONNECTION
 from fedsd.deploy.local import LocalDeployment
 from fedsd.deploy.remote import RemoteDeployment
 from fedsd.deploy.run_config import (
@@ -100,16 +99,14 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
 def stop_run(
     deployment: LocalDeployment, run_id: str, why: str, *, settle: float = 30.0
 ) -> str | None:
-    """``flwr stop RUN_ID``, then the status the SuperLink reports for the run (polled for
-    up to ``settle`` seconds until it is ``finished:*``). Signals are ignored meanwhile, so
-    a second SIGTERM cannot leave the run going half-way through."""
+    """Stop the run (as ``flwr stop RUN_ID``), then the status the SuperLink reports for it
+    (polled for up to ``settle`` seconds until it is ``finished:*``). Signals are ignored
+    meanwhile, so a second SIGTERM cannot leave the run going half-way through."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
     try:
         log(f"giving up ({why}): stopping run {run_id}")
         try:
-            res = deployment.flwr("stop", str(run_id), CONNECTION)
-            if res.returncode != 0:
-                log(f"`flwr stop {run_id}` exited with {res.returncode}: {res.stdout}{res.stderr}")
+            deployment.control.stop_run(run_id, check=True)
         except DeployError as exc:
             log(f"error: {exc}")
         last: list[str | None] = [None]  # the last status read, finished or not
