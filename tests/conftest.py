@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -110,19 +112,30 @@ def ci_images() -> CiImages:
     )
 
 
+_SHARD_CACHE: dict[tuple[int, int], Path] = {}
+
+
 def synthetic_shards(root: Path, nodes: int, images: int) -> Path:
-    """``fedsd shards --source synthetic`` into ``root/shards`` (a real process, as a user
-    runs it): ``nodes`` shards of ``images`` images each."""
+    """``fedsd shards --source synthetic`` into ``root/shards``: ``nodes`` shards of
+    ``images`` images each. Made once per test process and size by a real process, as a
+    user runs it (~6 CPU-s, flwr-datasets' import), then copied: the files are the
+    same for the same arguments (seeded), and each test gets its own copy."""
+    key = (nodes, images)
+    if key not in _SHARD_CACHE:
+        made = Path(tempfile.mkdtemp(prefix=f"fedsd-shards-{nodes}x{images}-")) / "shards"
+        atexit.register(shutil.rmtree, made.parent, True)
+        subprocess.run(
+            [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
+            + ["--num-shards", str(nodes), "--synthetic-images", str(images), "--out", str(made)],
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            timeout=300,
+        )
+        _SHARD_CACHE[key] = made
     shards = root / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", str(nodes), "--synthetic-images", str(images), "--out", str(shards)],
-        check=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        timeout=300,
-    )
+    shutil.copytree(_SHARD_CACHE[key], shards)
     return shards
 
 

@@ -8,7 +8,8 @@ compose stop`, a deleted Job); each time it must stop the run with `flwr stop`, 
 the status the SuperLink reports and exit non-zero, and the SuperLink must list the run
 as finished:stopped. In another deployment, the run it drives loses its ServerApp
 (SIGKILL) and then its SuperLink (SIGKILL, restarted as compose's restart policy would);
-the launcher resubmits it twice and it completes, every round once. The decisions
+the launcher resubmits it once or twice (the run may survive the SuperLink's outage) and
+it completes, every round once. The decisions
 themselves (what is lost, the limit, the outage rule) are unit-tested on scripted
 outcomes.
 """
@@ -168,8 +169,9 @@ def _resubmits_a_lost_run(tiny_model, tmp_path: Path) -> None:
     """3 rounds. Round 1 saved: SIGKILL the ServerApp (the SuperLink fails the run once
     it missed its heartbeats; resubmission 1). Round 2 saved: SIGKILL the SuperLink and
     restart it on its state as compose would (the launcher sees it refuse connections;
-    once it is back the run is stopped; resubmission 2). The run completes, exit 0, every
-    round once and in order, each resubmission logged and resumed after the last round."""
+    once it is back the run is stopped and resubmitted, unless round 3 completed first).
+    The run completes, exit 0, every round once and in order, each resubmission logged
+    and resumed after the last round."""
     from fedsd.deploy.local import LocalDeployment
     from fedsd.deploy.supervisor import RestartPolicy
 
@@ -239,17 +241,24 @@ def _resubmits_a_lost_run(tiny_model, tmp_path: Path) -> None:
         assert set(kills) == {"serverapp", "superlink"}, output[-4000:]
         assert dep.restarts.get("superlink") == 1, output[-4000:]
         assert code == 0, output[-4000:]
-        assert "resubmitting (1/3)" in output and "resubmitting (2/3)" in output, said
-        assert "resubmitting (3/3)" not in output, said
         assert "No heartbeat received from the task; resubmitting (1/3)" in output, said
         assert re.search(r"the SuperLink at \S+ does not answer \(refused", output), said
+        assert "resubmitting (3/3)" not in output, said
         assert "finished:completed" in output
-        assert output.count("fedsd resuming after round") == 2, said
+        # The ServerApp outlives the SuperLink's outage. When the restarted SuperLink
+        # answers, the launcher stops the run and resubmits it (lost), unless round 3
+        # completed before the launcher asked (survived): both are right, a race
+        # between the launcher's probe and the last round.
+        lost = "resubmitting (2/3)" in output
+        print("outage outcome:", "lost and resubmitted" if lost else "survived")
+        if not lost:
+            assert "answers again" in output, said
+        assert output.count("fedsd resuming after round") == (2 if lost else 1), said
         rounds = json.loads((out / "history.json").read_text())["rounds"]
         assert [r["round"] for r in rounds] == [1, 2, 3]
         runs = re.findall(r"Successfully started run (\d+)", output)
-        assert len(set(runs)) == 3, runs
-        for run_id in runs[:2]:  # the lost ones are finished, not left running
+        assert len(set(runs)) == (3 if lost else 2), runs
+        for run_id in runs[:-1]:  # the lost ones are finished, not left running
             status, _ = dep.run_status(run_id)
             assert status is not None and status.startswith("finished:"), (run_id, status)
 

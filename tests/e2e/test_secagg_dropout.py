@@ -97,6 +97,7 @@ def _run(fault: Fault, tiny_model: Path, shards: Path) -> None:
         model=tiny_model,
         shards=shards,
         run_config=RUN_CONFIG,
+        timeout=600,  # 5 SecAgg+ rounds of 4 ClientApp starts each, beside other suites
         extra=("--privacy", "secagg"),
     )
     try:
