@@ -44,21 +44,23 @@ def bare_app_dir() -> Path:
     return Path(__file__).resolve().parents[0] / "fixtures" / "bare_app"
 
 
-# The slowest files first (measured on a 2-core machine), so that pytest-xdist starts them
-# at once and the quick files fill the other workers around them; the rest keep their order.
+# The slowest files first, so that pytest-xdist starts them at once and the quick files
+# fill the workers around them; the rest keep their order. Seconds: one CI run on a 2-core
+# machine, 4 workers, load 20-36 (each is ~3x its time alone).
 SLOWEST_FIRST = [
-    "test_containers.py",  # image builds and a compose run through podman: ~12 min cold
-    "test_k8s.py",  # the manifests' pods as a federation: ~3 min
-    "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT: ~3.5 min
-    "test_privacy_e2e_secagg.py",
-    "test_privacy_e2e_dp.py",
-    "test_faults.py",  # four deployments, three SIGKILLs and a full disk: ~5-6 min
-    "test_secagg_dropout.py",  # two SecAgg+ deployments, 5 and 3 rounds: ~3.5-6 min
-    "test_fault_hung_node.py",  # a 40 s round deadline waited out: ~4.5 min at load 20
-    "test_fault_launcher.py",  # launcher runs stopped, and one resubmitted: ~5.5 min at load 19
-    "test_integrity_e2e.py",  # five nodes (three rogue), two runs: ~3 min at load 12
-    "test_e2e.py",
-    "test_observability.py",
+    "test_privacy_e2e_dp.py",  # five modes, one deployment: 940 s (310 s alone)
+    "test_k8s.py",  # the manifests' pods as a federation: 850 s
+    "test_containers.py",  # a compose run through podman: 750 s
+    "test_secagg_dropout.py",  # two SecAgg+ deployments, 5 and 3 rounds: 570 s
+    "test_faults.py",  # four deployments, three SIGKILLs and a full disk: 450 s
+    "test_integrity_e2e.py",  # five nodes (three rogue), two runs: 410 s
+    "test_privacy_e2e_secagg.py",  # five modes, one deployment: 400 s
+    "test_fault_launcher.py",  # launcher runs stopped, and one resubmitted: 400 s
+    "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT, and a refusal: 370 s
+    "test_e2e.py",  # fedsd up, a restart, Prometheus: 300 s
+    "test_observability.py",  # shares test_e2e.py's run (a session fixture, per worker)
+    # A 40 s round deadline that healthy nodes must meet: late, when the load has eased.
+    "test_fault_hung_node.py",  # 260 s
     "test_deploy.py",
     "test_metrics.py",
 ]

@@ -27,7 +27,10 @@ class RemoteDeployment(LocalDeployment):
     instead (``GET /health``, every ``probe_interval`` s while a run is in flight): a
     refused connection or an unknown name (nothing serves the address: the SuperLink died
     or is being restarted) counts as an outage at once, any other failure (a timeout on a
-    loaded host) once it lasted ``patience`` s. A run in flight during an outage is lost,
+    loaded host) once it lasted ``patience`` s: by default two heartbeat intervals (60 s),
+    Flower's own rule for a node gone offline. (10 s was too short: on a 2-core CI host
+    running four deployments, TLS handshakes to a live SuperLink timed out for longer, and
+    the launcher abandoned a healthy run.) A run in flight during an outage is lost,
     as with a restarted SuperLink under ``fedsd up``: once the SuperLink answers again it
     is stopped, and its ServerApp, which may have outlived the outage, gets ``stop_settle``
     s (a heartbeat interval) to learn of the stop and exit before the resubmitted run's
@@ -47,7 +50,7 @@ class RemoteDeployment(LocalDeployment):
         stream: StreamFn = print,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         probe_interval: float = 2.0,
-        patience: float = 10.0,
+        patience: float = 2.0 * HEARTBEAT_DEFAULT_INTERVAL,
         stop_settle: float = float(HEARTBEAT_DEFAULT_INTERVAL),
     ) -> None:
         work = work_dir if work_dir is not None else tempfile.mkdtemp(prefix="fedsd-launch-")
