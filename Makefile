@@ -8,7 +8,7 @@ DEMO ?= runs/demo
 NODES ?= 2
 ROUNDS ?= 2
 
-.PHONY: install host-setup images demo test lint bench clean
+.PHONY: install host-setup container-host venv-tools images demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -33,25 +33,36 @@ lint: install
 # Host set-up for the container, Kubernetes and Prometheus tests (root, apt, idempotent):
 # podman, buildah, runc, debootstrap and their configuration, the debootstrap base image,
 # Compose as a docker CLI plugin; Debian's prometheus and promtool. Without it those tests
-# fail and say why; they are never skipped.
-host-setup: install
-	bash docker/ci-setup.sh $(VENV)
+# fail and say why; they are never skipped. Two halves: `container-host` (apt, the base
+# image; no venv) and `venv-tools` (Compose and hadolint into the venv).
+host-setup: container-host venv-tools
+
+container-host:
+	bash docker/ci-setup.sh --only host
 	bash docker/ci-observability.sh
+
+venv-tools: install
+	bash docker/ci-setup.sh --only tools $(VENV)
 
 # The :ci images the container and Kubernetes tests run, built before pytest starts. Built
 # cold inside the suite, beside four workers of end-to-end deployments, they took 24 min
 # at load 20 on 2 cores: the two tests that need them waited that long, and the pip
 # installs slowed every deployment past its deadlines. The tests build them again through
 # podman's layer cache (seconds per image), so `make images` is optional before a test.
-images: host-setup
+# They need the base image, not the venv.
+images: container-host
 	bash docker/build.sh --tag $${FEDSD_IMAGE_TAG:-ci}
 
 # Four workers on two cores. The suite is CPU-bound there (0 % idle through a full run
 # with the images prebuilt); fewer workers were not measured. One file per worker (a module or session fixture
 # holds one deployment: tests that share one live in one file); tests/conftest.py puts the
 # slowest files first. (Not loadgroup: pytest 9 ignores the nodeid suffix it relies on.)
+# The set-up runs as two parallel chains: the venv (pip, then lint and the venv's tools)
+# beside the container host and the images (apt, debootstrap, podman builds): both mostly
+# wait on downloads and disks, not on the CPUs.
 PYTEST_WORKERS ?= 4
-test: lint images
+test:
+	$(MAKE) --no-print-directory --output-sync=line -j2 images lint venv-tools
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Benchmarks print JSON (see bench/README.md); a few minutes each on 2 CPU cores.

