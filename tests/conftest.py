@@ -45,24 +45,27 @@ def bare_app_dir() -> Path:
 
 
 # The slowest files first, so that pytest-xdist starts them at once and the quick files
-# fill the workers around them; the rest keep their order. Seconds: one CI run on a 2-core
-# machine, 4 workers, load 20-36 (each is ~3x its time alone).
+# fill the workers around them; the rest keep their order. Seconds: CI runs on a 2-core
+# machine, 4 workers (each file takes ~3x its time alone). Starting with the DP file and
+# both SecAgg+ fault deployments instead put the load average at 70 and made the compose
+# and fault runs miss their bounds; this order is the one of the fastest run (pytest 22.5 min).
 SLOWEST_FIRST = [
-    "test_privacy_e2e_dp.py",  # five modes, one deployment: 940 s (310 s alone)
-    "test_k8s.py",  # the manifests' pods as a federation: 850 s
-    "test_containers.py",  # a compose run through podman: 750 s
-    "test_secagg_dropout.py",  # two SecAgg+ deployments, 5 and 3 rounds: 570 s
-    "test_faults.py",  # four deployments, three SIGKILLs and a full disk: 450 s
-    "test_integrity_e2e.py",  # five nodes (three rogue), two runs: 410 s
-    "test_privacy_e2e_secagg.py",  # five modes, one deployment: 400 s
-    "test_fault_launcher.py",  # launcher runs stopped, and one resubmitted: 400 s
-    "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT, and a refusal: 370 s
-    "test_e2e.py",  # fedsd up, a restart, Prometheus: 300 s
-    "test_observability.py",  # shares test_e2e.py's run (a session fixture, per worker)
-    # A 40 s round deadline that healthy nodes must meet: late, when the load has eased.
-    "test_fault_hung_node.py",  # 260 s
+    "test_containers.py",  # a compose run through podman: 600-750 s
+    "test_k8s.py",  # the manifests' pods as a federation: 560-850 s
+    "test_privacy_ledger_e2e.py",  # three DP-SGD ups on one OUT, and a refusal: 290-370 s
+    "test_privacy_e2e_secagg.py",  # five modes, one deployment: 330-400 s
+    "test_privacy_e2e_dp.py",  # five modes, one deployment: 650-940 s (310 s alone)
+    "test_faults.py",  # four deployments, three SIGKILLs and a full disk: 280-450 s
+    "test_secagg_dropout.py",  # two SecAgg+ deployments, 5 and 3 rounds: 400-570 s
+    "test_fault_launcher.py",  # launcher runs stopped, and one resubmitted: 290-400 s
+    "test_integrity_e2e.py",  # five nodes (three rogue), two runs: 270-410 s
+    "test_e2e.py",  # fedsd up, a restart, Prometheus: 250-300 s
+    "test_observability.py",
     "test_deploy.py",
     "test_metrics.py",
+    # A 40 s round deadline that healthy nodes must meet: late, when the load has eased
+    # (it missed it at load 36, in the third place of its worker).
+    "test_fault_hung_node.py",  # 200-260 s
 ]
 
 

@@ -583,7 +583,7 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
                 t0 = time.monotonic()
                 # The dependency waits are bounded by compose.ci.yaml's health start periods
                 # (300 s): past them a dependency is unhealthy and `up` fails with the reason.
-                up = _run([*compose, "up", "-d", "--no-build"], timeout=600, env=env, check=False)
+                up = _run([*compose, "up", "-d", "--no-build"], timeout=900, env=env, check=False)
                 up_output = f"exit {up.returncode}\n{up.stdout}\n{up.stderr}"
                 if up.returncode != 0:
                     ps = _run([podman, "ps", "-a"], timeout=120, check=False).stdout

@@ -206,6 +206,7 @@ def _check_disk(fault: DiskFault) -> str:
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(1200)  # four deployments side by side, each run bounded at 600 s
 def test_killed_supernode_superlink_and_serverapp_and_a_full_disk_runs_finish(tiny_model, tmp_path):
     from fedsd.ml.model import load_adapter_arrays
 
@@ -229,7 +230,7 @@ def test_killed_supernode_superlink_and_serverapp_and_a_full_disk_runs_finish(ti
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=600)
+            t.join(timeout=900)
         report = []
         for fault in faults:  # the measurements first, so that a failure still shows them
             print(f"{fault.name}: exit {fault.code}; next round saved {fault.recovery}s after")

@@ -97,7 +97,6 @@ def _run(fault: Fault, tiny_model: Path, shards: Path) -> None:
         model=tiny_model,
         shards=shards,
         run_config=RUN_CONFIG,
-        timeout=600,  # 5 SecAgg+ rounds of 4 ClientApp starts each, beside other suites
         extra=("--privacy", "secagg"),
     )
     try:
@@ -123,6 +122,7 @@ def _secagg(record: dict) -> dict:
 
 @pytest.mark.e2e
 @pytest.mark.heavy
+@pytest.mark.timeout(1200)  # two deployments side by side, each run bounded at 600 s
 def test_secagg_round_survives_a_killed_and_a_hung_node(tiny_model, tmp_path):
     from fedsd.ml.model import load_adapter_arrays
 

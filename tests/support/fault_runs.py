@@ -24,7 +24,7 @@ def up_argv(
     model: Path,
     shards: Path,
     run_config: str,
-    timeout: float = 420,
+    timeout: float = 600,  # a 3-round run with a fault took 7 min at load 20-70 (2 cores)
     extra: Sequence[str] = (),
 ) -> list[str]:
     """``fedsd up --local`` without metrics, on ``out``."""
