@@ -28,11 +28,14 @@ and SuperNode i's on BASE+10+i (``fedsd.observability.scrape``), all on 127.0.0.
 multiprocess files in ``metrics/<service>/`` and a Prometheus configuration that scrapes
 them in ``prometheus.yml``.
 
-No torch and no Flower runtime are imported (the Flower commands run as subprocesses).
+No torch and no Flower runtime are imported (the Flower services run as subprocesses).
 The jobs around the deployment live beside it: ``processes`` (start, process trees,
-stop), ``supervisor`` (restarts), ``control`` (the ``flwr`` CLI), ``submission`` (submit,
-watch and resubmit a run), ``run_config``, ``out_lock``, ``signals``, ``up`` (the ``fedsd
-up`` command) and ``remote`` (the launchers' view of a SuperLink elsewhere).
+stop), ``supervisor`` (restarts), ``control`` (node registration, a run's status and
+stop, through Flower's Control API client), ``submission`` (submit, watch and resubmit
+a run), ``run_config``, ``out_lock``, ``signals``, ``up`` (the ``fedsd up`` command) and
+``remote`` (the launchers' view of a SuperLink elsewhere). What is left here (~630 lines,
+past the ~600 guide) is one concern: starting the services in order, with their
+certificates, environments, shared warm launchers and health waits.
 """
 
 from __future__ import annotations
