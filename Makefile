@@ -53,14 +53,16 @@ venv-tools: install
 images: container-host
 	bash docker/build.sh --tag $${FEDSD_IMAGE_TAG:-ci}
 
-# Four workers on two cores. The suite is CPU-bound there (0 % idle through a full run
-# with the images prebuilt); fewer workers were not measured. One file per worker (a module or session fixture
-# holds one deployment: tests that share one live in one file); tests/conftest.py puts the
-# slowest files first. (Not loadgroup: pytest 9 ignores the nodeid suffix it relies on.)
+# Three workers on two cores. The suite is CPU-bound there; with four, the load average
+# reached 50-70 in the last three full runs and the compose and Kubernetes runs missed
+# their bounds (a probe's `podman exec` took over 13 s for 10 min). Three is not measured
+# in a full run yet. One file per worker (a module or session fixture holds one
+# deployment: tests that share one live in one file); tests/conftest.py puts the slowest
+# files first. (Not loadgroup: pytest 9 ignores the nodeid suffix it relies on.)
 # The set-up runs as two parallel chains: the venv (pip, then lint and the venv's tools)
 # beside the container host and the images (apt, debootstrap, podman builds): both mostly
 # wait on downloads and disks, not on the CPUs.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 3
 test:
 	$(MAKE) --no-print-directory --output-sync=line -j2 images lint venv-tools
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder

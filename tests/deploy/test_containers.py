@@ -573,7 +573,7 @@ def test_compose_up_trains_end_to_end(tmp_path, ci_images):
             "FEDSD_RUN_CONFIG": "resolution=64 min-nodes=2",
             # 2 rounds at 64 px: ~1 min idle, a few under load; the killed node's round
             # waits for the SuperLink to fail it (<= 60 s)
-            "FEDSD_TIMEOUT": "600",
+            "FEDSD_TIMEOUT": "900",  # 3 nodes x 2 rounds and a kill: 10 min at load 60
         }
         compose = [_compose(), "--project-directory", str(REPO)]
         for name in ("compose.yaml", "compose.ci.yaml", "compose.nodes.yaml"):
