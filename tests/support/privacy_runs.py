@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +56,9 @@ def run_modes(modes: list[str], tiny_model: Path, root: Path) -> dict[str, tuple
     Returns {mode: (RunResult, out dir, the lines streamed during that run)}."""
     from fedsd.deploy.local import LocalDeployment
     from fedsd.deploy.run_config import build_run_config, find_app_dir
+    from tests.conftest import synthetic_shards
 
-    shards = root / "shards"
-    subprocess.run(
-        [sys.executable, "-m", "fedsd.cli", "shards", "--source", "synthetic"]
-        + ["--num-shards", str(NODES), "--synthetic-images", "30", "--out", str(shards)],
-        check=True,
-    )
+    shards = synthetic_shards(root, NODES, 30)
     configs = [
         {"partition-id": i, "shard-dir": str(shards / f"shard-{i}"), "cache-dir": str(root / "c")}
         for i in range(NODES)
