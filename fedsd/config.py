@@ -18,10 +18,13 @@ from typing import Any
 from fedsd.common.coerce import coerce, require
 from fedsd.common.errors import ConfigError
 from fedsd.privacy.config import PrivacyConfig
+from fedsd.quality.config import QualityConfig
 
 __all__ = ["LORA_VARIANTS", "ConfigError", "RunConfig"]
 
 LORA_VARIANTS = ("lora", "ffa")
+# fields built from ``extra`` (each feature owns its keys), not run-config keys themselves
+_SUB_CONFIGS = ("extra", "privacy", "quality")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # built from the privacy keys of the same mapping
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig, compare=False)
+    # built from the image-quality evaluation keys (eval-every, ...) of the same mapping
+    quality: QualityConfig = field(default_factory=QualityConfig, compare=False)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -60,7 +65,7 @@ class RunConfig:
         known = {
             f.name.replace("_", "-"): f
             for f in dataclasses.fields(cls)
-            if f.name not in ("extra", "privacy")
+            if f.name not in _SUB_CONFIGS
         }
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -70,7 +75,12 @@ class RunConfig:
                 extra[key] = value
                 continue
             values[f.name] = coerce(key, value, str(f.type))
-        cfg = cls(**values, extra=extra, privacy=PrivacyConfig.from_mapping(extra))
+        cfg = cls(
+            **values,
+            extra=extra,
+            privacy=PrivacyConfig.from_mapping(extra),
+            quality=QualityConfig.from_mapping(extra),
+        )
         cfg.validate()
         return cfg
 
@@ -78,7 +88,7 @@ class RunConfig:
         """The kebab-case mapping Flower uses (round-trips through ``from_mapping``)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "privacy"):
+            if f.name in _SUB_CONFIGS:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):

@@ -114,7 +114,7 @@ class NodeTask:
             self.cache_hits += 1
             return hit
         loaded = load_split(split_dir)
-        vae, text_encoder, tokenizer = self._load_encoders()
+        vae, text_encoder, tokenizer = self.encoders()
         enc = encode_split(
             loaded.images,
             loaded.prompts,
@@ -129,7 +129,8 @@ class NodeTask:
         self.cache.store(key, enc)
         return enc
 
-    def _load_encoders(self) -> tuple[Any, Any, Any]:
+    def encoders(self) -> tuple[Any, Any, Any]:
+        """(VAE, text encoder, tokenizer), loaded once per message (encoding, generation)."""
         if self._encoders is None:
             from diffusers import AutoencoderKL
             from transformers import CLIPTextModel, CLIPTokenizer
