@@ -29,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedsd.fl.payload import FLAT
+from fedsd.quality import MESSAGE_TYPE as QUALITY_MESSAGE
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants
 
@@ -49,7 +50,7 @@ def node_policy(msg: Message, context: Context, call_next: Any) -> Message:
     that breaks it gets an error reply naming the rule."""
     from fedsd.privacy.node_policy import POLICY_KEYS
 
-    if msg.metadata.message_type not in ("train", "evaluate") or not any(
+    if msg.metadata.message_type.split(".")[0] not in ("train", "evaluate") or not any(
         context.node_config.get(k) not in (None, "") for k in POLICY_KEYS
     ):
         return call_next(msg, context)
@@ -82,6 +83,8 @@ def policy_refusal(msg: Message, context: Context) -> str | None:
         policy.check(
             privacy, listed_images(node.shard_dir / "train"), int(config.get("server-round", 0))
         )
+        if msg.metadata.message_type == QUALITY_MESSAGE:
+            policy.check_quality()
     except PolicyRefusal as exc:
         return str(exc)
     return None
@@ -226,3 +229,26 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"num-examples": n, "val-loss": loss, "val-examples": n, "cache-hits": task.cache_hits}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate("quality")
+def quality(msg: Message, context: Context) -> Message:
+    """FID/KID/CLIP statistics of the global adapter against this node's held-out images
+    (``fedsd.quality.node``): feature moments and sums, never an image."""
+    from fedsd.quality.extractors import find_dir
+    from fedsd.quality.node import evaluate_quality
+
+    task, _, config, _ = _setup(msg, context)
+    where = find_dir(
+        task.model_path, task.node.cache_dir, context.node_config.get("quality-extractors") or None
+    )
+    result = evaluate_quality(task, task.cfg.quality, where)
+    arrays = ArrayRecord(array_dict={k: Array(v) for k, v in result.arrays.items()})
+    content = RecordDict(
+        {
+            "quality": arrays,
+            "metrics": MetricRecord(result.metrics),
+            "quality-info": ConfigRecord({"extractors": result.extractors}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -34,7 +34,7 @@ from fedsd.common.health import poll_until
 from fedsd.config import RunConfig
 from fedsd.fl.aggregation import aggregate, weighted_metric
 from fedsd.fl.checkpoint import DiskFullError, RunDir
-from fedsd.fl.history import RoundRecord, fmt_loss, round_line
+from fedsd.fl.history import RoundRecord, fmt_loss, quality_line, round_line
 from fedsd.fl.payload import FLAT, pack, unpack
 from fedsd.fl.replies import metrics_of, node_records, num, update_of, val_pair
 from fedsd.fl.secagg import secure_exchange, send_and_receive
@@ -50,6 +50,7 @@ from fedsd.observability import metrics as prom
 from fedsd.privacy import central_noise
 from fedsd.privacy.owner_ledgers import OwnerLedgers
 from fedsd.privacy.report import privacy_lines
+from fedsd.quality import MESSAGE_TYPE as QUALITY_MESSAGE
 
 log = logging.getLogger("fedsd")
 app = ServerApp()
@@ -127,6 +128,7 @@ class Federation:
             )
         else:
             _say(f"resuming after round {start - 1} from {self.out.round_dir(start - 1)}")
+        self.score_quality(start - 1, arrays)  # the base model, or a resumed round unscored
         for server_round in range(start, cfg.num_server_rounds + 1):
             try:
                 arrays, record = self.round(server_round, arrays)
@@ -143,6 +145,7 @@ class Federation:
             _say(round_line(record, cfg.num_server_rounds))
             for line in privacy_lines(record):
                 _say(line)
+            self.score_quality(server_round, arrays)
         last = self.out.completed_rounds
         if last and self.out.val_loss_pending(last):
             self.exchange(last + 1, arrays, train_nodes=[], eval_of=last)
@@ -296,6 +299,51 @@ class Federation:
                 out["losses"].append((num(metrics, "train-loss", math.nan), verdict.weight))
         self.record_val(eval_of, val)
         return out
+
+    def score_quality(self, evaluated: int, arrays: dict[str, np.ndarray]) -> None:
+        """FID, KID and CLIP score of round ``evaluated``'s aggregate (0 = base model), when
+        ``eval-every`` asks and history.json lacks them: every connected node scores it on
+        its held-out images and sends statistics (``fedsd.quality``), pooled here."""
+        from fedsd.quality.pooled import pool, stats_from_reply
+
+        if not (
+            self.cfg.quality.due(evaluated, self.cfg.num_server_rounds)
+            and self.out.quality_pending(evaluated)
+        ):
+            return
+        t0 = time.perf_counter()
+        nodes = self.wait_for_nodes()
+        config = {**self.message_config(evaluated + 1, arrays), "quality-of": evaluated}
+        flat = pack({k: arrays[k] for k in self.sent_keys(arrays)})
+        replies, _ = self.send([(n, QUALITY_MESSAGE) for n in nodes], flat, config, evaluated + 1)
+        stats, refused, failed, rejected = [], 0, len(nodes) - len(replies), 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if self.node_error(evaluated + 1, node, "quality", reply.error.reason):
+                    refused += 1
+                else:
+                    failed += 1
+                continue
+            checked = stats_from_reply(node, reply.content)
+            if isinstance(checked, str):
+                _say(f"quality: dropped the statistics of node {node}: {checked}")
+                rejected += 1
+                continue
+            stats.append(checked)
+        figures, others = pool(stats)
+        for other in others:
+            _say(f"quality: dropped node {other.node}: extractor {other.extractors!r} differs")
+        record = {
+            **figures,
+            "nodes_refused": refused,
+            "nodes_failed": failed,
+            "nodes_rejected": rejected + len(others),
+            "seconds": time.perf_counter() - t0,
+        }
+        self.out.set_quality(evaluated, record)
+        prom.record_quality(self.out.run_key, evaluated, record)
+        _say(quality_line(evaluated, record))
 
     def too_few(self, server_round: int, sampled: int, result: dict[str, Any]) -> str:
         """Why round ``server_round`` cannot be aggregated, and what happens now."""

@@ -180,6 +180,26 @@ class RunDir:
                     r["eval_nodes_replied"] = nodes
         self._write_history()
 
+    def quality_pending(self, server_round: int) -> bool:
+        """Whether round ``server_round``'s aggregate (0 = base model) lacks its quality
+        figures (``fedsd.quality``): a run killed between the round and its scoring scores
+        it when it resumes."""
+        if server_round == 0:
+            return "baseline_quality" not in self.history
+        return any(
+            int(r["round"]) == server_round and "quality" not in r for r in self.history["rounds"]
+        )
+
+    def set_quality(self, server_round: int, quality: dict[str, Any]) -> None:
+        """Record the quality figures of round ``server_round``'s aggregate (0 = base model)."""
+        if server_round == 0:
+            self.history["baseline_quality"] = quality
+        else:
+            for r in self.history["rounds"]:
+                if int(r["round"]) == server_round:
+                    r["quality"] = quality
+        self._write_history()
+
     def _write_history(self) -> None:
         path = self.root / HISTORY
         # strict JSON: a NaN or Inf (a node's metric) is written as null, never as NaN

@@ -35,6 +35,7 @@ class RoundRecord(TypedDict):
     privacy: list[dict[str, Any]]  # PrivacyRecord.to_dict() of nodes and server
     secagg_stages: NotRequired[list[dict[str, Any]]]  # SecAgg+ rounds only
     eval_nodes_replied: NotRequired[int]  # set with val_loss: the aggregate was evaluated
+    quality: NotRequired[dict[str, Any]]  # FID/KID/CLIP of the aggregate (fedsd.quality)
 
 
 def read_history(path: str | Path) -> dict[str, Any]:
@@ -68,3 +69,23 @@ def round_line(record: RoundRecord, total: int) -> str:
         f"failed={record['nodes_failed']} rejected={record['nodes_rejected']} "
         f"time={record['seconds']:.1f}s" + (f" epsilon={eps:.4g}" if eps is not None else "")
     )
+
+
+def quality_line(evaluated_round: int, quality: dict[str, Any]) -> str:
+    """The human line of one quality evaluation (``fedsd.quality``; 0 = the base model)."""
+
+    def fig(key: str, fmt: str) -> str:
+        value = quality.get(key)
+        return "n/a" if value is None else format(value, fmt)
+
+    what = "base model" if evaluated_round == 0 else f"round {evaluated_round}"
+    line = (
+        f"quality {what}: fid={fig('fid', '.4g')} kid={fig('kid', '.4g')} "
+        f"clip_score={fig('clip_score', '.4g')} ({quality.get('nodes', 0)} nodes, "
+        f"{quality.get('generated_images', 0)} generated / {quality.get('real_images', 0)} "
+        f"held-out images, refused={quality.get('nodes_refused', 0)} "
+        f"failed={quality.get('nodes_failed', 0)} rejected={quality.get('nodes_rejected', 0)}, "
+        f"{quality.get('seconds', 0.0):.1f}s)"
+    )
+    extractors = str(quality.get("extractors") or "")
+    return line + (f" [{extractors}]" if extractors and "NOT real" in extractors else "")

@@ -16,6 +16,9 @@ the run, i.e. by the party DP protects against. These node-config keys (SuperNod
 ``min-noise-multiplier``
     DP-SGD's noise multiplier (given or planned from ``dp-target-epsilon``) must be at
     least this; a run without ``dp-sample`` has none (0) and is refused.
+``share-quality-stats``
+    ``false`` refuses the image-quality messages (``fedsd.quality``): their Inception
+    feature moments of the held-out images are not covered by any DP mechanism.
 
 The check runs as a ClientApp mod, before the handlers and before SecAgg+'s stages: a
 refused run gets an error reply naming the rule, before any image is read (the plan
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-POLICY_KEYS = ("max-epsilon", "require-privacy", "min-noise-multiplier")
+POLICY_KEYS = ("max-epsilon", "require-privacy", "min-noise-multiplier", "share-quality-stats")
 #: How every refusal's message (the node's error reply) starts: ``PREFIX RULE=VALUE: why``.
 REFUSAL_PREFIX = "node privacy policy refuses this run: "
 _REFUSAL = re.compile(re.escape(REFUSAL_PREFIX) + r"([a-z-]+)=")
@@ -60,6 +63,7 @@ class NodePolicy:
     max_epsilon: float | None = None
     require_privacy: frozenset[str] = frozenset()
     min_noise_multiplier: float | None = None
+    share_quality_stats: bool = True
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
@@ -86,7 +90,17 @@ class NodePolicy:
                 f"node config require-privacy={raw_req!r}: unknown component(s) "
                 f"{', '.join(unknown)}; known: {', '.join(COMPONENTS)}"
             )
-        return cls(number("max-epsilon"), required, number("min-noise-multiplier"))
+        raw_share = str(node_config.get("share-quality-stats", "true")).strip().lower()
+        if raw_share not in ("true", "false", "1", "0", ""):
+            raise ValueError(
+                f"node config share-quality-stats={raw_share!r}: expected true or false"
+            )
+        return cls(
+            number("max-epsilon"),
+            required,
+            number("min-noise-multiplier"),
+            raw_share not in ("false", "0"),
+        )
 
     @property
     def empty(self) -> bool:
@@ -95,7 +109,17 @@ class NodePolicy:
             self.max_epsilon is None
             and not self.require_privacy
             and self.min_noise_multiplier is None
+            and self.share_quality_stats
         )
+
+    def check_quality(self) -> None:
+        """Raise ``PolicyRefusal`` if the node does not send image-quality statistics."""
+        if not self.share_quality_stats:
+            raise PolicyRefusal(
+                "share-quality-stats=false",
+                "this node sends no image-quality statistics (Inception and CLIP feature "
+                "moments of its held-out images)",
+            )
 
     def check(self, privacy: Any, num_images: int, server_round: int) -> None:
         """Raise ``PolicyRefusal`` if the run (``privacy``: its ``NodePrivacy`` for this

@@ -29,10 +29,11 @@ def _task_identity(monkeypatch):
 class InProcessGrid:
     """Delivers each message to the ClientApp handler of its destination node."""
 
-    def __init__(self, contexts, fail_train=(), fail_reasons=None):
+    def __init__(self, contexts, fail_train=(), fail_reasons=None, tamper=None):
         self.contexts = contexts
         self.fail_train = set(fail_train)
         self.fail_reasons = dict(fail_reasons or {})  # node -> its error reply's reason
+        self.tamper = dict(tamper or {})  # node -> function rewriting its replies (a rogue)
         self.sent = []
         self.replies = []
 
@@ -65,10 +66,15 @@ class InProcessGrid:
                 reason = self.fail_reasons.get(node, "node crashed")
                 replies.append(Message(Error(code=1, reason=reason), reply_to=msg))
                 continue
-            handler = (
-                client_app.train if msg.metadata.message_type == "train" else (client_app.evaluate)
-            )
-            reply = handler(msg, self.contexts[node])
+            handler = {
+                "train": client_app.train,
+                "evaluate": client_app.evaluate,
+                "evaluate.quality": client_app.quality,
+            }[msg.metadata.message_type]
+            # through the node's privacy-policy mod, as a SuperNode runs it
+            reply = client_app.node_policy(msg, self.contexts[node], handler)
+            if node in self.tamper:
+                reply = self.tamper[node](reply)
             replies.append(reply)
         return replies
 

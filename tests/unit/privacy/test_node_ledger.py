@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fedsd.config import RunConfig
 from fedsd.fl.payload import FLAT
 from fedsd.privacy.node import NodePrivacy, data_owner_id
-from fedsd.privacy.node_policy import NodePolicy, PolicyRefusal, listed_images
+from fedsd.privacy.node_policy import NodePolicy, PolicyRefusal, listed_images, refused_rule
 from fedsd.privacy.owner_ledgers import OwnerLedgers
 from fedsd.privacy.report import format_report, load_report
 from tests.unit.test_client import _write_split
@@ -129,6 +129,18 @@ def test_policy_parsing():
         NodePolicy.from_node_config({"require-privacy": "dp-sgd"})
     with pytest.raises(ValueError, match="max-epsilon='lots'"):
         NodePolicy.from_node_config({"max-epsilon": "lots"})
+
+
+def test_share_quality_stats_refuses_only_the_quality_messages():
+    assert NodePolicy.from_node_config({"share-quality-stats": "true"}).empty
+    NodePolicy.from_node_config({}).check_quality()  # sharing is the default
+    refusing = NodePolicy.from_node_config({"share-quality-stats": "false"})
+    assert not refusing.empty
+    with pytest.raises(PolicyRefusal, match="share-quality-stats=false") as info:
+        refusing.check_quality()
+    assert refused_rule(str(info.value)) == "share-quality-stats"
+    with pytest.raises(ValueError, match="share-quality-stats='maybe'"):
+        NodePolicy.from_node_config({"share-quality-stats": "maybe"})
 
 
 def test_policy_rules(shard, tmp_path):
