@@ -9,9 +9,9 @@ uid), uids stay stable, and a test can compare the committed files with this out
 run every panel's PromQL against a real Prometheus (:func:`queries`, :func:`expand`).
 
 * ``training-health`` (uid ``fedsd-training-health``): one federation's learning: loss and
-  validation loss, nodes per round, failures, round time, images/s and step time per
-  node, epsilon against its budget, peak memory, payload bytes, rejected updates, privacy
-  policy refusals, service restarts.
+  validation loss, image quality (FID, KID, CLIP score), nodes per round, failures, round
+  time, images/s and step time per node, epsilon against its budget, peak memory, payload
+  bytes, rejected updates, privacy policy refusals, service restarts.
 * ``fleet`` (uid ``fedsd-fleet``): the SuperLink's view: health, nodes by status and per
   node, runs by status, exporters up, probe latency and errors, messages per node.
 
@@ -126,6 +126,29 @@ def _dashboard(
     }
 
 
+def _image_quality() -> dict[str, Any]:
+    """FID and CLIP score of the last evaluated aggregate; KID (about 0.01, where FID is
+    tens) on a right axis of its own."""
+    panel = _panel(
+        "Image quality",
+        "FID pooled over the nodes and KID (mean of the nodes'; both lower is better) of "
+        "images generated with the last evaluated aggregate against the nodes' held-out "
+        "images, and CLIP score (higher is better), every eval-every rounds (KID: right axis)",
+        [
+            (f"fedsd_server_fid{RUN}", "FID ({{run}})"),
+            (f"fedsd_server_clip_score{RUN}", "CLIP score ({{run}})"),
+            (f"fedsd_server_kid{RUN}", "KID ({{run}})"),
+        ],
+    )
+    panel["fieldConfig"]["overrides"].append(
+        {
+            "matcher": {"id": "byFrameRefID", "options": "C"},
+            "properties": [{"id": "custom.axisPlacement", "value": "right"}],
+        }
+    )
+    return panel
+
+
 def training_health() -> dict[str, Any]:
     """The ``fedsd-training-health`` dashboard."""
     panels = [
@@ -163,6 +186,7 @@ def training_health() -> dict[str, Any]:
                 (f"fedsd_server_val_loss{RUN}", "validation ({{run}})"),
             ],
         ),
+        _image_quality(),
         _panel(
             "Loss per node",
             "Each node's local train loss and validation loss of the adapter it received",

@@ -149,6 +149,22 @@ def _server() -> dict[str, Any]:
             ("run", "mechanism"),
             **last,
         ),
+        "fid": Gauge("fedsd_server_fid", "Pooled FID of the last evaluated aggregate", run, **last),
+        "kid": Gauge(
+            "fedsd_server_kid",
+            "KID (mean of the nodes') of the last evaluated aggregate",
+            run,
+            **last,
+        ),
+        "clip_score": Gauge(
+            "fedsd_server_clip_score", "CLIP score of the last evaluated aggregate", run, **last
+        ),
+        "quality_round": Gauge(
+            "fedsd_server_quality_round",
+            "Round whose aggregate the image-quality figures score (0: base model)",
+            run,
+            **last,
+        ),
         "rejected": Counter(
             "fedsd_server_rejected_updates_total",
             "Train replies dropped by the server's validation, by reason",
@@ -305,6 +321,20 @@ def record_val_loss(run: str, loss: float | None, rising_rounds: int | None = No
         _server()["val_loss"].labels(run=run).set(loss)
     if rising_rounds is not None:
         _server()["val_loss_rising"].labels(run=run).set(rising_rounds)
+
+
+def record_quality(run: str, evaluated_round: int, quality: Mapping[str, Any]) -> None:
+    """The image quality of round ``evaluated_round``'s aggregate (0: the base model), from
+    its QualityRecord (``fid``, ``kid``, ``clip_score``): a dashboard charts quality over
+    rounds next to the loss, which says little about the images. A None figure (not
+    computed: no statistics, no CLIP model) leaves its gauge at the last value."""
+    if not enabled():
+        return
+    m = _server()
+    m["quality_round"].labels(run=run).set(evaluated_round)
+    for key in ("fid", "kid", "clip_score"):
+        if quality.get(key) is not None:
+            m[key].labels(run=run).set(float(quality[key]))
 
 
 def record_checkpoint(run: str, when: float) -> None:

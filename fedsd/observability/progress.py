@@ -42,6 +42,9 @@ class Progress:
     train_loss: float | None = None
     val_loss: float | None = None
     val_of: int | None = None  # which round's aggregate val_loss scores (0 = base model)
+    fid: float | None = None
+    clip_score: float | None = None
+    quality_of: int | None = None  # which round's aggregate fid/clip_score score (0 = base)
     epsilon: float | None = None
     round_seconds: float | None = None
     nodes_online: int | None = None
@@ -51,7 +54,8 @@ class Progress:
 
     def update(self, history: Mapping[str, Any]) -> str | None:
         """Take the figures from ``history`` (history.json's content); return what
-        happened ("round": a round completed, "val": a validation loss arrived) or None."""
+        happened ("round": a round completed, "val": a validation loss arrived,
+        "quality": image-quality figures arrived) or None."""
         first, self.read = not self.read, True
         if self.total is None and history.get("config", {}).get("num-server-rounds"):
             self.total = int(history["config"]["num-server-rounds"])
@@ -72,6 +76,11 @@ class Progress:
         if val_of is not None and val_of != self.val_of:
             self.val_of, self.val_loss = val_of, val_loss
             event = event or "val"
+        quality_of, quality = _last_quality(history)
+        if quality_of is not None and quality_of != self.quality_of:
+            self.quality_of = quality_of
+            self.fid, self.clip_score = quality.get("fid"), quality.get("clip_score")
+            event = event or "quality"
         if (
             last is not None
             and self.status == "training"
@@ -102,6 +111,14 @@ class Progress:
         if self.val_of is not None:
             val = "n/a" if self.val_loss is None else f"{self.val_loss:.4f}"
             parts.append(f"val {val} ({'base' if self.val_of == 0 else f'r{self.val_of}'})")
+        figures = [
+            f"{name} {value:.1f}"
+            for name, value in (("fid", self.fid), ("clip", self.clip_score))
+            if value is not None
+        ]
+        if figures and self.quality_of is not None:
+            of = "base" if self.quality_of == 0 else f"r{self.quality_of}"
+            parts.append(" ".join(figures) + f" ({of})")
         if self.epsilon is not None:
             parts.append(f"eps {self.epsilon:.3g}" + (f"/{budget:g}" if budget else ""))
         if self.round_seconds is not None:
@@ -121,6 +138,17 @@ def _last_val(history: Mapping[str, Any]) -> tuple[int | None, float | None]:
     if "baseline_val_loss" in history:
         return 0, history["baseline_val_loss"]
     return None, None
+
+
+def _last_quality(history: Mapping[str, Any]) -> tuple[int | None, Mapping[str, Any]]:
+    """(which aggregate, its QualityRecord): the newest round with image-quality figures,
+    else the base model's (0), else (None, {})."""
+    for r in reversed(history.get("rounds", [])):
+        if r.get("quality"):
+            return int(r["round"]), r["quality"]
+    if history.get("baseline_quality"):
+        return 0, history["baseline_quality"]
+    return None, {}
 
 
 class ProgressView:
@@ -220,6 +248,6 @@ class ProgressView:
         if self.tty:
             if self._shown:
                 self.out.write(f"\r\033[K{self.status()}\n")
-        elif self.progress.round or self.progress.val_of is not None:
+        elif self.progress.round or {self.progress.val_of, self.progress.quality_of} != {None}:
             self.out.write(f"fedsd progress: {self.status()}\n")
         self.out.flush()

@@ -202,3 +202,37 @@ def test_flowers_debug_lines_stay_in_the_log_not_on_the_terminal(tmp_path):
         shown = out.getvalue()
         assert "DEBUG" not in shown
         assert "INFO:Start" in shown and "fedsd up: run 1" in shown
+
+
+def _quality(fid, clip, nodes: int = 2) -> dict:
+    """A QualityRecord as the ServerApp stores it (None: not computed)."""
+    return {
+        "fid": fid,
+        "kid": None if fid is None else 0.01,
+        "clip_score": clip,
+        "real_images": 16,
+        "generated_images": 16,
+        "clip_images": 0 if clip is None else 16,
+        "nodes": nodes,
+        "nodes_refused": 0,
+        "nodes_failed": 0,
+        "nodes_rejected": 0,
+        "seconds": 3.0,
+        "extractors": "inception",
+    }
+
+
+def test_the_view_shows_the_latest_image_quality_only_when_there_is_one():
+    p = Progress(total=2)
+    p.update(_history([_evaluated(R1, 0.45)], baseline=0.5))
+    assert "fid" not in p.render() and "clip" not in p.render()
+    hist = _history([_evaluated(R1, 0.45)], baseline=0.5) | {
+        "baseline_quality": _quality(120.04, 20.96)
+    }
+    assert p.update(hist) == "quality"
+    assert "| val 0.4500 (r1) | fid 120.0 clip 21.0 (base) | eps 1.5" in p.render()
+    rounds = [_evaluated(R1, 0.45) | {"quality": _quality(80.26, None)}, R2]
+    assert p.update(hist | {"rounds": rounds}) == "round"
+    assert "| fid 80.3 (r1) |" in p.render()  # no CLIP score: only FID
+    p.update(hist | {"rounds": [rounds[0], R2 | {"quality": _quality(None, None, 0)}]})
+    assert "fid" not in p.render() and "clip" not in p.render()  # nothing computed
