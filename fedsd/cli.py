@@ -13,9 +13,23 @@ from collections.abc import Sequence
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from fedsd.ml.model import write_tiny_pipeline
+    from fedsd.quality.extractors import MODEL_SUBDIR, write_tiny_extractors
 
     path = write_tiny_pipeline(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM pipeline to {path}: NOT a real model, for smoke runs and tests")
+    extractors = write_tiny_extractors(path / MODEL_SUBDIR, seed=args.seed)
+    print(
+        f"wrote tiny RANDOM feature extractors to {extractors}: NOT real metrics (FID/CLIP "
+        "figures of a run on this model measure nothing)"
+    )
+    return 0
+
+
+def _cmd_fetch_extractors(args: argparse.Namespace) -> int:
+    from fedsd.quality.extractors import CLIP_MODEL, default_dir, fetch_extractors
+
+    out = fetch_extractors(args.out or default_dir(), clip_model=args.clip_model or CLIP_MODEL)
+    print(f"wrote the Inception and CLIP feature extractors to {out}")
     return 0
 
 
@@ -111,6 +125,16 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsd.quality.report import format_quality_report, load_quality_report
+
+    report = load_quality_report(args.out)
+    print(json.dumps(report, indent=2) if args.json else format_quality_report(report))
+    return 0
+
+
 def _cmd_metrics_exporter(args: argparse.Namespace) -> int:
     from fedsd.observability.metrics import serve_exporter
 
@@ -146,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser(
+        "fetch-extractors",
+        help="download the feature extractors of the quality figures (Inception, CLIP)",
+        description="Download NVIDIA's FID Inception (TorchScript) and a CLIP model from the "
+        "hub into one directory, which a node finds in its cache directory (the default "
+        "here) or through its node config quality-extractors=DIR (docs/quality.md).",
+    )
+    p.add_argument("--out", default=None, help="directory (default: ~/.cache/fedsd/...)")
+    p.add_argument("--clip-model", default=None, help="hub id of the CLIP model")
+    p.set_defaults(func=_cmd_fetch_extractors)
 
     p = sub.add_parser("shards", help="partition a dataset into per-node shards")
     p.add_argument(
@@ -207,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the run's output directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_privacy_report)
+
+    p = sub.add_parser(
+        "report",
+        help="image quality (FID, KID, CLIP score) against epsilon, per round of a run",
+        description="One row per round of OUT/history.json (round 0: the base model): "
+        "validation loss, FID, KID, CLIP score, the largest cumulative epsilon of the "
+        "round's privacy records and the generated/real image counts; '-' where the round "
+        "has no quality record (or no epsilon), 'n/a' where a figure could not be computed.",
+    )
+    p.add_argument("out", help="the run's output directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "metrics-exporter",
