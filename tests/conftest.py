@@ -34,8 +34,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random SD pipeline in diffusers format (not a real model)."""
     from fedsd.ml.model import write_tiny_pipeline
+    from fedsd.quality.extractors import MODEL_SUBDIR, write_tiny_extractors
 
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+    model = write_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+    write_tiny_extractors(model / MODEL_SUBDIR, seed=0)  # as `fedsd tiny-model` does
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -201,7 +204,11 @@ def free_port_block(n: int) -> int:
 E2E_NODES = 2
 # DP-SGD with a fixed noise multiplier, so every round reports epsilon, and a target far
 # above it: the budget is exported (fedsd_*_epsilon_budget) and never reached.
-E2E_RUN_CONFIG = "resolution=64 learning-rate=0.001 dp-noise-multiplier=1.0 dp-target-epsilon=1000"
+# Image quality of the base model and of every round, with the tiny stand-in extractors.
+E2E_RUN_CONFIG = (
+    "resolution=64 learning-rate=0.001 dp-noise-multiplier=1.0 dp-target-epsilon=1000 "
+    "eval-every=1 eval-steps=2 eval-images-per-class=2"
+)
 
 
 @dataclass

@@ -76,6 +76,21 @@ def test_history_records_every_round(e2e_run):
     assert all(n["cache-hits"] >= 1 for n in rounds[1]["nodes"])
 
 
+def test_history_has_the_quality_of_the_base_model_and_every_round(e2e_run):
+    """eval-every=1: the base model and each round's aggregate scored by both nodes (FID
+    pooled from their statistics, KID and CLIP score), in history.json and on the terminal."""
+    hist = json.loads((e2e_run.out / "history.json").read_text())
+    scored = [hist["baseline_quality"]] + [r["quality"] for r in hist["rounds"]]
+    for q in scored:
+        assert q["nodes"] == 2 and q["nodes_failed"] == 0 and q["nodes_rejected"] == 0, q
+        assert q["fid"] >= 0 and q["kid"] is not None and q["clip_score"] >= 0, q
+        assert q["generated_images"] >= 4 and q["real_images"] >= 4, q
+        assert q["clip_images"] == q["generated_images"], q
+        assert "NOT real metrics" in q["extractors"], q
+    for what in ("base model", "round 1", "round 2"):
+        assert f"fedsd quality {what}: fid=" in e2e_run.stdout
+
+
 def test_metrics_of_every_service_match_the_history(e2e_run):
     """``--metrics-port BASE``: the SuperLink, each SuperNode and the ServerApp got an
     exporter on the documented port; what their app processes recorded agrees with
@@ -106,6 +121,10 @@ def test_metrics_of_every_service_match_the_history(e2e_run):
 
     server = samples("metrics-serverapp")
     assert total(server, "fedsd_server_rounds_completed_total") == 2
+    assert total(server, "fedsd_server_quality_round") == 2
+    assert total(server, "fedsd_server_fid") == pytest.approx(hist["rounds"][-1]["quality"]["fid"])
+    clip = hist["rounds"][-1]["quality"]["clip_score"]
+    assert total(server, "fedsd_server_clip_score") == pytest.approx(clip)
     assert total(server, "fedsd_server_rounds_planned") == 2
     steps = sum(n["train-steps"] for r in hist["rounds"] for n in r["nodes"])
     nodes = [samples(f"metrics-node-{i}") for i in range(E2E_NODES)]
