@@ -268,13 +268,15 @@ def synthetic_shards(
 
 class InProcessGrid:
     """A Flower Grid in one process: each message goes straight to the ClientApp handler
-    (``fedsd.client_app.train`` / ``evaluate``) of its destination node. The ServerApp's
-    round loop runs unchanged on it; only the transport is missing. A node's error is
-    raised, not turned into an error reply: an honest benchmark node must not fail."""
+    (``fedsd.client_app.train`` / ``evaluate`` / ``quality``) of its destination node,
+    through the node-policy mod as a SuperNode runs it. The ServerApp's round loop runs
+    unchanged on it; only the transport is missing. A node's error is raised, not turned
+    into an error reply: an honest benchmark node must not fail."""
 
     def __init__(self, contexts: dict[int, Any]) -> None:
         self.contexts = contexts
         self.replies: list[Any] = []
+        self.sent = 0  # messages handled: their ids
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -282,14 +284,21 @@ class InProcessGrid:
     def push_messages(self, messages: Any) -> list[str]:
         """Handle every message at once; its reply waits for :meth:`pull_messages`."""
         from fedsd import client_app
+        from fedsd.quality import MESSAGE_TYPE
 
+        handlers = {
+            "train": client_app.train,
+            "evaluate": client_app.evaluate,
+            MESSAGE_TYPE: client_app.quality,
+        }
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}"
+            msg.metadata.__dict__["_message_id"] = f"m{self.sent}"
+            self.sent += 1
             ids.append(msg.metadata.message_id)
-            kind = msg.metadata.message_type
-            handler = client_app.train if kind == "train" else client_app.evaluate
-            self.replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
+            handler = handlers[msg.metadata.message_type]
+            context = self.contexts[msg.metadata.dst_node_id]
+            self.replies.append(client_app.node_policy(msg, context, handler))
         return ids
 
     def pull_messages(self, ids: Any) -> list[Any]:
