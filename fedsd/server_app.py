@@ -147,6 +147,8 @@ class Federation:
                 _say(line)
             self.score_quality(server_round, arrays)
         last = self.out.completed_rounds
+        if last and self.cfg.quality.enabled:  # a run ended early (DP budget): its result
+            self.score_quality(last, arrays, due=True)
         if last and self.out.val_loss_pending(last):
             self.exchange(last + 1, arrays, train_nodes=[], eval_of=last)
         if start > cfg.num_server_rounds:
@@ -300,16 +302,17 @@ class Federation:
         self.record_val(eval_of, val)
         return out
 
-    def score_quality(self, evaluated: int, arrays: dict[str, np.ndarray]) -> None:
+    def score_quality(
+        self, evaluated: int, arrays: dict[str, np.ndarray], *, due: bool = False
+    ) -> None:
         """FID, KID and CLIP score of round ``evaluated``'s aggregate (0 = base model), when
-        ``eval-every`` asks and history.json lacks them: every connected node scores it on
-        its held-out images and sends statistics (``fedsd.quality``), pooled here."""
+        ``eval-every`` asks (or ``due``) and history.json lacks them: every connected node
+        scores it on its held-out images and sends statistics (``fedsd.quality``), pooled
+        here."""
         from fedsd.quality.pooled import pool, stats_from_reply
 
-        if not (
-            self.cfg.quality.due(evaluated, self.cfg.num_server_rounds)
-            and self.out.quality_pending(evaluated)
-        ):
+        due = due or self.cfg.quality.due(evaluated, self.cfg.num_server_rounds)
+        if not (due and self.out.quality_pending(evaluated)):
             return
         t0 = time.perf_counter()
         nodes = self.wait_for_nodes()

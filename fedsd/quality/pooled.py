@@ -15,6 +15,7 @@ nodes do not use, drop that node's statistics (counted as rejected), never the f
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -90,6 +91,8 @@ def check_stats(
         return "clip-score"
     kid = metrics.get("kid")
     kid_ok = isinstance(kid, int | float) and math.isfinite(kid) and abs(kid) < 1e6
+    # a node's own words: printable, bounded (it is logged and stored in history.json)
+    extractors = re.sub(r"[^\x20-\x7e]", "?", str(extractors))[:120]
     return NodeStats(
         node,
         vals,

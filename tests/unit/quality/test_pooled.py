@@ -107,3 +107,9 @@ def test_no_statistics_give_no_figures():
     figures, left_out = pool([])
     assert figures["fid"] is None and figures["kid"] is None and figures["clip_score"] is None
     assert figures["nodes"] == 0 and left_out == []
+
+
+def test_a_nodes_extractor_name_is_made_printable_and_bounded():
+    arrays, metrics, _ = _node(tiny_features().eval(), 3, 3, 5)
+    stats = check_stats(1, arrays, metrics, "x\n\x1b[31mfake line" + "y" * 500)
+    assert stats.extractors.startswith("x??[31mfake line") and len(stats.extractors) == 120

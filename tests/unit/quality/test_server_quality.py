@@ -103,3 +103,21 @@ def test_a_round_left_unscored_by_a_crash_is_scored_on_resume(tiny_model, tmp_pa
     assert [("quality" in r) for r in hist["rounds"]] == [True, True]
     assert "baseline_quality" not in hist  # round 1 trained before the evaluation was asked
     assert grid.sent.count(("evaluate.quality", 101)) == 2
+
+
+def test_a_run_ended_early_by_its_dp_budget_scores_its_last_round(tiny_model, tmp_path, shards):
+    """eval-every=2 of 3 rounds, but the DP-SGD budget ends the run after round 1: its
+    adapter is the run's result, so it is scored too."""
+    from fedsd.privacy import history_epsilon
+    from fedsd.server_app import Federation
+
+    one = max(history_epsilon([(2.0, 0.5, 2)], 1e-5), history_epsilon([(2.0, 1.0, 1)], 1e-5))
+    two = min(history_epsilon([(2.0, 0.5, 4)], 1e-5), history_epsilon([(2.0, 1.0, 2)], 1e-5))
+    dp = {"privacy": "dp-sample", "dp-noise-multiplier": 2.0, "dp-target-epsilon": (one + two) / 2}
+    quality = {**QUALITY, "eval-every": 2, "num-server-rounds": 3}
+    rc, contexts = _setup(tiny_model, tmp_path, shards, **dp, **quality)
+    Federation(InProcessGrid(contexts), RunConfig.from_mapping(rc)).run()
+    hist = _history(tmp_path)
+    assert [r["round"] for r in hist["rounds"]] == [1]
+    assert hist["baseline_quality"]["nodes"] == 2
+    assert hist["rounds"][0]["quality"]["nodes"] == 2
