@@ -57,19 +57,25 @@ def poll_until(
     timeout: float | None,
     interval: float,
     *,
+    max_interval: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T | None:
     """Call ``check`` every ``interval`` s until it returns something other than None
     (returned), or until ``timeout`` s have passed (None; ``check`` ran at least once).
     ``timeout=None``: no time limit (``check`` alone decides when the wait ends). A check
-    that needs to say why it gave up keeps its last finding itself (a closure)."""
+    that needs to say why it gave up keeps its last finding itself (a closure).
+    ``max_interval``: the wait doubles after each check, from ``interval`` up to it (fast
+    while an answer is likely near, sparing the other side a long wait's many calls)."""
     deadline = None if timeout is None else clock() + timeout
+    wait = interval
     while True:
         got = check()
         if got is not None or (deadline is not None and clock() >= deadline):
             return got
-        sleep(interval)
+        sleep(wait)
+        if max_interval is not None:
+            wait = min(max_interval, wait * 2)
 
 
 def wait_healthy(

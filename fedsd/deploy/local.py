@@ -371,7 +371,8 @@ class LocalDeployment:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> Service:
-        """Start ``flower-supernode`` ``index`` with its auth key and own Runtime API port.
+        """Start SuperNode ``index`` (Flower's, with paced waits: ``fedsd.deploy.supernode``)
+        with its auth key and own Runtime API port.
 
         Each node gets its own FLWR_HOME: Flower installs the FAB there with a non-atomic
         "mkdir, then copy" that would race between nodes sharing one home. Its
@@ -387,7 +388,9 @@ class LocalDeployment:
         node_home = self.work_dir / "node-home" / f"node-{index}"
         node_home.mkdir(parents=True, exist_ok=True)
         argv = [
-            executable("flower-supernode"),
+            sys.executable,  # Flower's flower-supernode, paced (fedsd.deploy.supernode)
+            "-m",
+            "fedsd.deploy.supernode",
             "--superlink",
             self.address,
             "--root-certificates",

@@ -51,7 +51,8 @@ supernode)
         config+=" trusted-apps=\"$trusted\""
     fi
     config+=" ${FEDSD_NODE_CONFIG:-}"
-    supervise flwr-clientapp flower-supernode \
+    # Flower's flower-supernode with paced waits (fedsd/deploy/supernode.py), same flags
+    supervise flwr-clientapp python -m fedsd.deploy.supernode \
         --superlink "${SUPERLINK_ADDRESS:-superlink:9092}" \
         --root-certificates "$ca" \
         --auth-supernode-private-key "$key" \
