@@ -316,7 +316,7 @@ class Federation:
             return
         t0 = time.perf_counter()
         nodes = self.wait_for_nodes()
-        config = {**self.message_config(evaluated + 1, arrays), "quality-of": evaluated}
+        config = self.message_config(evaluated + 1, arrays)
         flat = pack({k: arrays[k] for k in self.sent_keys(arrays)})
         replies, _ = self.send([(n, QUALITY_MESSAGE) for n in nodes], flat, config, evaluated + 1)
         stats, refused, failed, rejected = [], 0, len(nodes) - len(replies), 0

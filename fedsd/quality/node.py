@@ -91,7 +91,6 @@ def evaluate_quality(task: Any, quality: QualityConfig, extractor_dir: Any) -> N
     metrics: dict[str, int | float] = {
         "real-images": len(real_f),
         "generated-images": len(fake_f),
-        "feature-dim": int(real_f.shape[1]),
         "kid": _kid(real_f, fake_f, task.cfg.seed),
         "clip-score-sum": 0.0,
         "clip-images": 0,

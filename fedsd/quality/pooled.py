@@ -27,6 +27,7 @@ import numpy as np
 from fedsd.quality.node import FID_ARRAYS
 
 MAX_IMAGES = 10_000_000  # per node and set: far above any held-out split
+MAX_DIM = 4096  # feature dimension: the FID Inception's is 2048
 
 
 @dataclass
@@ -64,7 +65,7 @@ def check_stats(
         return "missing-statistics"
     vals = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
     dim = vals["real-sum"].shape[0] if vals["real-sum"].ndim == 1 else 0
-    if not 1 <= dim <= 65_536 or any(
+    if not 1 <= dim <= MAX_DIM or any(
         vals[k].shape != ((dim,) if k.endswith("-sum") and "cov" not in k else (dim, dim))
         for k in vals
     ):
@@ -111,6 +112,8 @@ def stats_from_reply(node: int, content: Any) -> NodeStats | str:
     metrics = content.metric_records.get("metrics")
     if record is None or metrics is None:
         return "missing-statistics"
+    if any(math.prod(v.shape) > MAX_DIM * MAX_DIM for v in record.values()):
+        return "shape"  # before deserialising what no extractor produces
     try:
         arrays = {k: v.numpy() for k, v in record.items()}
     except (TypeError, ValueError):
