@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -261,6 +262,105 @@ def synthetic_shards(
         synthetic_images=images,
     )
     return [out / s["name"] for s in manifest["shards"]], manifest
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, own CPU seconds, reaped children's CPU seconds) from /proc, or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / tick
+    children = (int(fields[13]) + int(fields[14])) / tick
+    return int(fields[1]), own, children
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages split between their users): the memory a
+    process adds, without counting a launcher's copy-on-write pages once per fork."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+def service_role(name: str) -> str:
+    """A deployment service's role: its name without the index (``supernode-3`` ->
+    ``supernode``, ``launcher-apps-2`` -> ``launcher-apps``)."""
+    head, _, tail = name.rpartition("-")
+    return head if head and tail.isdigit() else name
+
+
+class ProcessMeter:
+    """Samples the process trees of a running deployment (Linux ``/proc``) in a thread:
+    peak PSS and CPU seconds per role (``service_role`` of each service; a process counts
+    for the service it descends from, e.g. a ClientApp for its launcher).
+
+    CPU of a root service includes its reaped children (a forked ClientApp that ended);
+    ``cpu()`` is cumulative, so ``cpu()`` after minus before gives a phase's share.
+    """
+
+    def __init__(self, services: Any, interval: float = 1.0) -> None:
+        self._services = services  # name -> object with .pid (LocalDeployment.services)
+        self.interval = interval
+        self.peak_pss: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Any = None
+
+    def _trees(self) -> dict[str, list[tuple[int, int]]]:
+        """Role -> (root pid, pid) of every process in its services' trees."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
+                children.setdefault(st[0], []).append(int(entry))
+        trees: dict[str, list[tuple[int, int]]] = {}
+        for name, svc in list(self._services.items()):
+            todo = [svc.pid]
+            while todo:
+                pid = todo.pop()
+                trees.setdefault(service_role(name), []).append((svc.pid, pid))
+                todo += children.get(pid, [])
+        return trees
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds per role so far: each root with its reaped children, plus its live
+        descendants."""
+        out: dict[str, float] = {}
+        for role, pids in self._trees().items():
+            for root, pid in pids:
+                if (st := _proc_stat(pid)) is not None:
+                    out[role] = out.get(role, 0.0) + st[1] + (st[2] if pid == root else 0.0)
+        return out
+
+    def sample(self) -> None:
+        """One PSS sample: each role's processes summed; the peak per role kept."""
+        for role, pids in self._trees().items():
+            pss = sum(_pss_bytes(pid) for _, pid in pids)
+            with self._lock:
+                self.peak_pss[role] = max(self.peak_pss.get(role, 0), pss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> ProcessMeter:
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="process-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # --------------------------------------------------------------------------- federation

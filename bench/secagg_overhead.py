@@ -27,7 +27,9 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, round_floats, say, synthetic_shards  # noqa: E402
 
 
-def measure(nodes: int, rounds: int, work: Path) -> dict:
+def measure(
+    nodes: int, rounds: int, work: Path, observe: Callable[[str, Any], None] | None = None
+) -> dict:
+    """One deployment of ``nodes``: warm-up, plain and SecAgg+ runs. ``observe(event,
+    deployment)`` (``bench/scale.py``) is told ``started`` and ``TAG-begin``/``TAG-end``
+    around each run (TAG: warmup, plain, secagg)."""
     from fedsd.deploy.local import LocalDeployment
     from fedsd.deploy.run_config import build_run_config, find_app_dir
     from fedsd.ml.model import write_tiny_pipeline
@@ -51,6 +58,10 @@ def measure(nodes: int, rounds: int, work: Path) -> dict:
     app = find_app_dir()
     out: dict = {"nodes": nodes}
 
+    def note(event: str) -> None:
+        if observe is not None:
+            observe(event, dep)
+
     def run(tag: str, privacy: str, n_rounds: int) -> dict:
         overrides, _ = build_run_config(
             app,
@@ -63,7 +74,9 @@ def measure(nodes: int, rounds: int, work: Path) -> dict:
             },
             out=work / tag,
         )
+        note(f"{tag}-begin")
         res = dep.submit(app, overrides, timeout=3600)
+        note(f"{tag}-end")
         if res.exit_code != 0:
             raise RuntimeError(f"{tag} run failed: {res.status} {res.details}")
         return json.loads((work / tag / "history.json").read_text())
@@ -73,6 +86,7 @@ def measure(nodes: int, rounds: int, work: Path) -> dict:
     ) as dep:
         say(f"{nodes} nodes: starting the deployment")
         dep.start()
+        note("started")
         say(f"{nodes} nodes: warm-up round")
         run("warmup", "none", 1)
         say(f"{nodes} nodes: {rounds} plain rounds")
