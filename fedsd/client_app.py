@@ -126,7 +126,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bo
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Score the global adapter, train on it (privately if asked), return the update."""
-    from fedsd.fl.payload import pack
+    from fedsd.fl.payload import encode_update, pack
     from fedsd.ml.training import train_images
     from fedsd.privacy.node import NodePrivacy, data_owner_id, records_json
     from fedsd.privacy.node_policy import NodePolicy
@@ -189,11 +189,13 @@ def train(msg: Message, context: Context) -> Message:
         int(task.received_bytes),
         prom.epsilon_budgets(task.cfg.privacy),
     )
-    if legacy:
+    if legacy:  # SecAgg+ quantizes the vector itself (secagg-quantization-range)
         return _fitres_reply(msg, flat, weight, metrics, records_json(records))
     content = RecordDict(
         {
-            "update": ArrayRecord(array_dict={FLAT: Array(flat)}),
+            "update": ArrayRecord(
+                array_dict={FLAT: Array(encode_update(flat, task.cfg.update_dtype))}
+            ),
             "metrics": MetricRecord(metrics),
             "privacy": ConfigRecord({"records": records_json(records)}),
         }

@@ -53,6 +53,8 @@ class RunConfig:
     max_node_weight: float = 1_000_000.0
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
+    # What a node's update travels as (fedsd.fl.payload.UPDATE_DTYPES)
+    update_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # built from the privacy keys of the same mapping
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig, compare=False)
@@ -167,6 +169,14 @@ class RunConfig:
             "trim-fraction",
             self.trim_fraction,
             "in [0, 0.5) (the share of nodes cut from each end per value)",
+        )
+        from fedsd.fl.payload import UPDATE_DTYPES
+
+        require(
+            self.update_dtype in UPDATE_DTYPES,
+            "update-dtype",
+            self.update_dtype,
+            f"one of {', '.join(UPDATE_DTYPES)} (what a node's update travels as)",
         )
         comps = self.privacy.components if self.privacy is not None else frozenset()
         if self.aggregation != "fedavg":

@@ -25,6 +25,23 @@ def pack(arrays: Mapping[str, np.ndarray], keys: list[str] | None = None) -> np.
     return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in order])
 
 
+#: ``update-dtype``: what a node's update travels as. float16 halves the bytes; the server
+#: validates and aggregates in float32/float64 either way (``fedsd.fl.validation``).
+UPDATE_DTYPES = ("float32", "float16")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def encode_update(flat: np.ndarray, dtype: str) -> np.ndarray:
+    """``flat`` (float32) as the ``update-dtype`` asks. An update with a value beyond
+    float16's range (65504) stays float32: as float16 it would be infinite, and the
+    server rejects non-finite updates."""
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"update dtype {dtype!r}: expected one of {', '.join(UPDATE_DTYPES)}")
+    if dtype == "float16" and (flat.size == 0 or float(np.abs(flat).max()) <= _FLOAT16_MAX):
+        return flat.astype(np.float16)
+    return flat
+
+
 def unpack(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Split a vector made by ``pack`` back into named arrays of ``shapes`` (sorted names)."""
     flat = np.asarray(flat)

@@ -114,6 +114,24 @@ def test_client_starts_from_the_global_adapter(tiny_model, shard, tmp_path):
     assert metrics["val-loss"] == score["metrics"]["val-loss"] != base["metrics"]["val-loss"]
 
 
+def test_update_dtype_float16_sends_the_update_in_half_the_bytes(tiny_model, shard, tmp_path):
+    from fedsd import client_app
+
+    replies = {}
+    for dtype in ("float32", "float16"):
+        rc = _run_config(tiny_model, tmp_path, **{"update-dtype": dtype})
+        glob, _ = _global(RunConfig.from_mapping(rc))
+        ctx = _context(rc, shard, tmp_path / "c")
+        replies[dtype] = client_app.train(_message(glob, "train"), ctx).content.array_records
+    full, half = (replies[d]["update"] for d in ("float32", "float16"))
+    assert full[FLAT].numpy().dtype == np.float32 and half[FLAT].numpy().dtype == np.float16
+    assert half.count_bytes() < 0.55 * full.count_bytes()
+    # Same seed, same data: the same training, only the wire format differs.
+    np.testing.assert_allclose(
+        half[FLAT].numpy().astype(np.float32), full[FLAT].numpy(), rtol=1e-3, atol=1e-7
+    )
+
+
 def test_ffa_sends_only_b_and_checks_a(tiny_model, shard, tmp_path):
     from fedsd import client_app
     from fedsd.ml.model import lora_a_digest

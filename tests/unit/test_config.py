@@ -42,6 +42,7 @@ def test_pyproject_defaults_are_valid_and_round_trip():
         ("aggregation", "krum"),
         ("trim-fraction", 0.5),
         ("trim-fraction", -0.1),
+        ("update-dtype", "bfloat16"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_key(key, value):
