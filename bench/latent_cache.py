@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
             "setup_seconds": {"build_model": t_build["s"], "load_unet_with_lora": t_unet["s"]},
         }
+        if device.type == "cuda":  # the peak of both arms (bench/gpu.py reports it)
+            result["peak_cuda_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         return round_floats(result, 4)
 
 

@@ -31,14 +31,14 @@ done
 engine=${FEDSD_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
 
 args=()
+ca=${FEDSD_HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
+if [ -r "$ca" ]; then  # pip in the build trusts what the host trusts (a proxy's CA)
+    args+=(--volume "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+fi
 if [ "$cuda" = 0 ]; then
     base=${FEDSD_BASE_IMAGE:-localhost/fedsd-base:bookworm}
     args+=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_SPEC=${FEDSD_TORCH_SPEC:-torch==2.13.0+cpu}"
         --build-arg PIP_EXTRA_INDEX_URL=)
-    ca=${FEDSD_HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
-    if [ -r "$ca" ]; then
-        args+=(--volume "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-    fi
     links=${FEDSD_WHEELS:-$(pip config get global.find-links 2>/dev/null || true)}
     links=${links:-${PIP_FIND_LINKS:-}}
     if [ -n "$links" ] && [ -d "$links" ]; then
