@@ -195,6 +195,14 @@ class RunConfig:
                 f"'fedavg' with privacy={self.privacy.privacy!r}: the central noise is "
                 "calibrated to the mean's sensitivity (dp-central-clip / nodes)",
             )
+        if "secagg" in comps:
+            require(
+                self.update_dtype == "float32",
+                "update-dtype",
+                self.update_dtype,
+                f"'float32' with privacy={self.privacy.privacy!r}: SecAgg+ sends its own "
+                "quantized vector (secagg-quantization-range), never the update's dtype",
+            )
         if self.privacy is not None and "secagg" in self.privacy.components:
             require(
                 self.min_nodes >= 2,

@@ -66,6 +66,14 @@ def test_robust_rules_are_refused_with_secagg(rule, privacy):
     assert RunConfig.from_mapping({**raw, "aggregation": "fedavg"}).aggregation == "fedavg"
 
 
+def test_float16_updates_are_refused_with_secagg():
+    with pytest.raises(ConfigError, match="SecAgg\\+ sends its own quantized vector"):
+        RunConfig.from_mapping({"privacy": "secagg", "update-dtype": "float16"})
+    dp_output = {"dp-output-clip": 1.0, "dp-output-epsilon": 8.0, "dp-output-delta": 1e-5}
+    cfg = RunConfig.from_mapping({"privacy": "dp-output", "update-dtype": "float16", **dp_output})
+    assert cfg.update_dtype == "float16"
+
+
 def test_robust_rules_are_refused_with_central_dp():
     raw = {"privacy": "dp-central", "dp-central-clip": 1.0, "dp-central-noise-multiplier": 1.0}
     with pytest.raises(ConfigError, match="aggregation='median'.*sensitivity"):
