@@ -20,12 +20,14 @@ none was lent to the sessions that wrote it.
    the round's seconds, the nodes' training seconds and peak CUDA memory from
    history.json.
 
-Packages a bare GPU machine lacks travel with the repository as wheels:
-``python bench/gpu.py --download-wheels .whl`` (here; every pinned dependency but torch,
-whose CUDA build the GPU machine has) and ``python bench/gpu.py --wheels .whl`` there
-(installs them with ``--no-index`` first). ``--out FILE`` also writes the JSON (commit it
-under ``bench/results/``). Without CUDA it stops at once and says so; the CPU tests never
-run it.
+Packages a CUDA PyTorch machine lacks travel with the repository as wheels: ``python
+bench/gpu.py --download-wheels .whl`` here (``CARRY``: the pinned packages of
+``docker/constraints.txt`` that such an image lacks, for ``--python-version``, 3.12 by
+default), ``python bench/gpu.py --wheels .whl`` there (installs them with ``--no-index
+--no-deps`` into a folder first on the path before anything else runs; fedsd itself runs
+from this checkout, on ``PYTHONPATH`` for every process it starts). ``--out FILE`` also
+writes the JSON (commit it under ``bench/results/``). Without CUDA it stops at once and
+says so; the CPU tests never run it.
 """
 
 from __future__ import annotations
@@ -46,18 +48,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit, round_floats, say  # noqa: E402
 
-REQUIREMENTS = ROOT / "docker" / "requirements.txt"  # the pinned dependencies (= pyproject)
+# Every package the images install, pinned and resolved together (less torch and fedsd)
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+# Those of them a CUDA PyTorch image lacks: docker/constraints.txt less the package list of
+# this workplace's H200 image (read 2026-11-17: it has torch, numpy, transformers, peft,
+# safetensors, torchmetrics, grpcio, protobuf, httpx, ...). ``--carry NAME ...`` to change.
+CARRY = (
+    "alembic", "annotated-types", "cffi", "cryptography", "datasets", "diffusers", "dill",
+    "fastapi", "flwr", "flwr-datasets", "greenlet", "grpcio-health-checking", "httptools",
+    "importlib-metadata", "iterators", "lazy-importer", "mako", "multiprocess", "opacus",
+    "prompt-toolkit", "pycparser", "pycryptodome", "pydantic", "pydantic-core",
+    "python-dotenv", "sqlalchemy", "starlette", "tomli", "tomli-w", "typing-inspection",
+    "tzdata", "uv", "uvicorn", "watchfiles", "wcwidth", "websockets",
+)  # fmt: skip
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 BUDGET_S = 450.0  # the whole run: under 8 minutes with start-up
 
 
-def pinned_without_torch() -> list[str]:
-    """fedsd's pinned dependencies but torch (the GPU machine's CUDA build stays)."""
-    lines = REQUIREMENTS.read_text().splitlines()
-    return [
-        ln.strip()
-        for ln in lines
-        if ln.strip() and not ln.startswith("#") and not ln.startswith("torch==")
-    ]
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """``name==version`` from docker/constraints.txt for each of ``names``."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.strip().split("==", 1)
+            pins[_norm(name)] = f"{name}=={version}"
+    missing = [n for n in names if _norm(n) not in pins]
+    if missing:
+        raise SystemExit(f"bench/gpu.py: not pinned in {CONSTRAINTS}: {', '.join(missing)}")
+    return [pins[_norm(n)] for n in names]
+
+
+def download_wheels(dest: str, names: tuple[str, ...], python_version: str) -> None:
+    """Wheels of ``names`` at their pinned versions for an x86-64 Linux CPython."""
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    pip("download", "--no-deps", "--only-binary", ":all:", "--implementation", "cp",
+        "--python-version", python_version, *platforms, "-d", dest, *pinned(names))  # fmt: skip
+
+
+def install_wheels(wheels: str) -> None:
+    """Install every wheel in ``wheels`` into a folder put first on the path of this process
+    and of every process it starts (the GPU machine's own site-packages stay untouched)."""
+    site = Path(tempfile.gettempdir()) / "fedsd-gpu-site"
+    found = sorted(str(w) for w in Path(wheels).glob("*.whl"))
+    if not found:
+        raise SystemExit(f"bench/gpu.py: no wheels in {wheels}")
+    pip("install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+        "--target", str(site), *found)  # fmt: skip
+    sys.path.insert(0, str(site))
+    for var, first in (("PYTHONPATH", site), ("PATH", site / "bin")):  # flwr's commands too
+        os.environ[var] = os.pathsep.join(p for p in (str(first), os.environ.get(var, "")) if p)
 
 
 def pip(*args: str) -> None:
@@ -136,16 +179,17 @@ def fedsd_round(model: Path, work: Path, limit: float) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--download-wheels", metavar="DIR", help="fetch the wheels, then exit")
+    parser.add_argument("--carry", nargs="+", default=list(CARRY), help="packages to fetch")
+    parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python")
     parser.add_argument("--wheels", metavar="DIR", help="install these wheels first")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON here")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args()
     if args.download_wheels:
-        pip("download", "--only-binary", ":all:", "-d", args.download_wheels,
-            *pinned_without_torch())  # fmt: skip
+        download_wheels(args.download_wheels, tuple(args.carry), args.python_version)
         return
     if args.wheels:
-        pip("install", "--no-index", "--find-links", args.wheels, *pinned_without_torch())
+        install_wheels(args.wheels)
     import torch
 
     if not torch.cuda.is_available():
@@ -154,7 +198,11 @@ def main() -> None:
             f"{torch.version.cuda}); run it on a GPU machine"
         )
     start = time.perf_counter()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # fedsd from this checkout in every process (the SuperNodes and launchers inherit it)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     bench = Path(__file__).resolve().parent
     steps: dict[str, Any] = {}
 

@@ -28,6 +28,7 @@ JSON object. Everything shares this machine's cores: read it with ``cpu_count``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -48,10 +49,11 @@ MB = 1024 * 1024
 def scale_point(nodes: int, rounds: int, idle: float, work: Path) -> dict[str, Any]:
     """``secagg_overhead.measure`` for ``nodes`` with the process meter around it."""
     state: dict[str, Any] = {"cpu": {}}
+    stack = contextlib.ExitStack()
 
     def observe(event: str, dep: Any) -> None:
         if event == "started":
-            state["meter"] = ProcessMeter(dep.services).__enter__()
+            state["meter"] = stack.enter_context(ProcessMeter(dep.services))
             time.sleep(3)  # let the nodes' first pulls settle
             before = state["meter"].cpu().get("superlink", 0.0)
             say(f"{nodes} nodes: {idle:.0f} s idle")
@@ -60,11 +62,8 @@ def scale_point(nodes: int, rounds: int, idle: float, work: Path) -> dict[str, A
         else:
             state["cpu"][event] = state["meter"].cpu().get("superlink", 0.0)
 
-    try:
+    with stack:
         out = measure(nodes, rounds, work, observe=observe)
-    finally:
-        if "meter" in state:
-            state["meter"].__exit__(None, None, None)
     cpu, meter = state["cpu"], state["meter"]
     for tag in ("plain", "secagg"):
         per_round = (cpu[f"{tag}-end"] - cpu[f"{tag}-begin"]) / rounds
