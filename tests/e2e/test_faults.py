@@ -59,12 +59,18 @@ class Fault:
 
 def _victim(fault: Fault) -> int | None:
     """The pid to kill: from the runner's `started NAME (pid N)` lines, or for the
-    ServerApp the warm launcher's log (the ServerApp is forked there)."""
+    ServerApp the warm launcher's log (the ServerApp is forked there).
+
+    The last ServerApp still alive: under load Flower's SuperExec may start a second
+    ``flwr-serverapp`` for the run while the first waits for the launcher; the one that
+    loses the run's token exits at once (seen in CI: a launcher that took 92 s to import
+    forked both, and the later pid was already gone)."""
     if fault.name == "serverapp":
         logs = (fault.out / ".deploy" / "logs").glob("launcher-*.log")
         text = "".join(log.read_text() for log in logs)
-        found = re.findall(r"started flwr-serverapp pid (\d+)", text)
-        return int(found[-1]) if found else None
+        found = [int(p) for p in re.findall(r"started flwr-serverapp pid (\d+)", text)]
+        alive = [pid for pid in found if Path(f"/proc/{pid}").exists()]
+        return alive[-1] if alive else None
     return started_pid(
         fault.lines, {"supernode": "supernode-2", "superlink": "superlink"}[fault.name]
     )
@@ -77,7 +83,10 @@ def _run(fault: Fault, tiny_model: Path, shards: Path) -> None:
             time.sleep(1.0)  # round 2 is in flight
             pid = _victim(fault)
             if pid is not None:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # gone on its own: "never killed" says so below
+                    return
                 fault.killed_pid, fault.killed_at = pid, time.time()
 
     argv = up_argv(
