@@ -203,7 +203,6 @@ class RunConfig:
                 f"'float32' with privacy={self.privacy.privacy!r}: SecAgg+ sends its own "
                 "quantized vector (secagg-quantization-range), never the update's dtype",
             )
-        if self.privacy is not None and "secagg" in self.privacy.components:
             require(
                 self.min_nodes >= 2,
                 "min-nodes",
