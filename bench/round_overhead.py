@@ -7,9 +7,16 @@ authentication, SuperExec, N SuperNodes, ``flwr run``) on this machine, back to 
   split into *local training* (the slowest node's ``train-seconds``) and *everything
   else* (ClientApp process start, imports, model load, evaluation, Flower transport).
 * bare: ``tests/fixtures/bare_app``, one float32 array of exactly fedsd's payload size
-  (the LoRA tensors sent per node), echoed by every node: Flower's own floor.
+  (the LoRA tensors sent per node), echoed by every node, the ServerApp waiting for
+  replies with Flower's ``Grid.send_and_receive``: a bare Flower app on these SuperNodes.
+* floor: the same echo, the ServerApp waiting as fedsd's does (``reply-poll=fedsd``):
+  Flower's transport and ClientApp-process floor as fedsd drives it, with no model, no
+  evaluation and no training. What fedsd spends above it is its own.
 
-``overhead_ratio`` = fedsd's non-training seconds per round / bare seconds per round.
+``overhead_ratio`` = fedsd's non-training seconds per round / bare seconds per round;
+``other_above_floor`` = fedsd's non-training seconds per round - the floor's round.
+``steady_*``: the same without round 1 (a node's first message encodes its shard and
+warms its caches).
 Usage: ``python bench/round_overhead.py [--nodes 2] [--rounds 3]``; prints one JSON object.
 """
 
@@ -81,7 +88,9 @@ def run_fedsd(work: Path, nodes: int, rounds: int, resolution: int) -> dict:
     }
 
 
-def run_bare(work: Path, nodes: int, rounds: int, payload_bytes: int) -> dict:
+def run_bare(
+    work: Path, nodes: int, rounds: int, payload_bytes: int, reply_poll: str = "flower"
+) -> dict:
     lines: list[str] = []
 
     def stream(line: str) -> None:
@@ -93,11 +102,11 @@ def run_bare(work: Path, nodes: int, rounds: int, payload_bytes: int) -> dict:
     rc = run_local(
         nodes,
         None,
-        work / "bare-out",
-        f"array-size={floats}",
+        work / f"bare-{reply_poll}-out",
+        f"array-size={floats} reply-poll='{reply_poll}'",
         rounds=rounds,
         app_dir=ROOT / "tests" / "fixtures" / "bare_app",
-        work_dir=work / "bare-work",
+        work_dir=work / f"bare-{reply_poll}-work",
         stream=stream,
         timeout=900,
     )
@@ -127,8 +136,15 @@ def main() -> None:
         work = Path(tmp)
         fedsd = run_fedsd(work, args.nodes, args.rounds, args.resolution)
         bare = run_bare(work, args.nodes, args.rounds, fedsd["payload_bytes_per_node"])
+        floor = run_bare(work, args.nodes, args.rounds, fedsd["payload_bytes_per_node"], "fedsd")
     other = statistics.mean(fedsd["other_seconds"])
     bare_round = statistics.mean(bare["round_seconds"])
+    floor_round = statistics.mean(floor["round_seconds"])
+
+    def steady(values: list[float]) -> float | None:
+        return statistics.mean(values[1:]) if len(values) > 1 else None
+
+    steady_other, steady_floor = steady(fedsd["other_seconds"]), steady(floor["round_seconds"])
     print(
         json.dumps(
             {
@@ -138,11 +154,19 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "fedsd": fedsd,
                 "bare_flower": bare,
+                "floor": floor,
                 "fedsd_mean_round_seconds": statistics.mean(fedsd["round_seconds"]),
                 "fedsd_mean_train_seconds": statistics.mean(fedsd["train_seconds"]),
                 "fedsd_mean_other_seconds": other,
                 "bare_mean_round_seconds": bare_round,
                 "overhead_ratio": other / bare_round,
+                "floor_mean_round_seconds": floor_round,
+                "other_above_floor": other - floor_round,
+                "steady_fedsd_other_seconds": steady_other,
+                "steady_floor_round_seconds": steady_floor,
+                "steady_other_above_floor": (
+                    None if steady_other is None else steady_other - steady_floor
+                ),
             },
             indent=2,
         )
