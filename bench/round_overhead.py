@@ -9,9 +9,10 @@ authentication, SuperExec, N SuperNodes, ``flwr run``) on this machine, back to 
 * bare: ``tests/fixtures/bare_app``, one float32 array of exactly fedsd's payload size
   (the LoRA tensors sent per node), echoed by every node, the ServerApp waiting for
   replies with Flower's ``Grid.send_and_receive``: a bare Flower app on these SuperNodes.
-* floor: the same echo, the ServerApp waiting as fedsd's does (``reply-poll=fedsd``):
-  Flower's transport and ClientApp-process floor as fedsd drives it, with no model, no
-  evaluation and no training. What fedsd spends above it is its own.
+* floor: the same echo, the ServerApp waiting as fedsd's does (``reply-poll=fedsd``) and
+  its apps forked from warm launchers as fedsd's are: Flower's transport and
+  ClientApp-process floor as fedsd drives it, with no model, no evaluation and no
+  training. What fedsd spends above it is its own.
 
 ``overhead_ratio`` = fedsd's non-training seconds per round / bare seconds per round;
 ``other_above_floor`` = fedsd's non-training seconds per round - the floor's round.
@@ -109,6 +110,7 @@ def run_bare(
         work_dir=work / f"bare-{reply_poll}-work",
         stream=stream,
         timeout=900,
+        warm_apps=reply_poll == "fedsd",
     )
     wall = time.perf_counter() - t0
     if rc != 0:
