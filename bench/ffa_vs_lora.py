@@ -29,7 +29,7 @@ How to read the JSON
   variants: B = 0, i.e. the base model) and of the aggregate after each round, as the
   server records them in ``history.json``; ``final_val_loss`` is the last one.
 * ``train_loss``: image-weighted mean local training loss per round.
-* ``payload_bytes_per_node_per_round``: Flower ``ArrayRecord`` bytes:
+* ``payload_bytes_per_node_per_round``: the adapter vectors' bytes (``fedsd.fl.payload``):
   ``train_down`` (global adapter to a node) and ``train_up`` (its reply) per train
   message; ``evaluate_only_messages`` and ``evaluate_only_down``: messages that only
   score an adapter, over the whole run (how many depends on the server loop: one per
@@ -151,12 +151,30 @@ class RecordingGrid:
     def __init__(self, contexts: dict[int, Any]) -> None:
         self.contexts = contexts
         self.log: list[dict[str, Any]] = []
+        self.replies: list[Any] = []  # pushed messages' replies, until pulled
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
+    def push_messages(self, messages: Any) -> list[str]:
+        """Deliver now; the replies wait for ``pull_messages`` (fedsd's server pulls)."""
+        messages = list(messages)
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.log)}-{i}"
+            ids.append(msg.metadata.message_id)
+        self.replies.extend(self.send_and_receive(messages))
+        return ids
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        wanted = set(ids)
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in wanted]
+        self.replies = [r for r in self.replies if r not in got]
+        return got
+
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
         from fedsd import client_app
+        from fedsd.fl.payload import ADAPTER, from_bytes, read_vector
 
         replies = []
         for msg in messages:
@@ -170,14 +188,16 @@ class RecordingGrid:
                 "round": int(msg.metadata.group_id),
                 "type": kind,
                 "node": node,
-                "down": msg.content.array_records["arrays"].count_bytes(),
+                "down": len(msg.content.config_records["config"][ADAPTER]),
                 "up": 0,
                 "metrics": dict(reply.content.metric_records["metrics"]),
             }
-            if "arrays" in reply.content.array_records:
-                record = reply.content.array_records["arrays"]
-                entry["up"] = record.count_bytes()
-                entry["arrays"] = {k: record[k].numpy() for k in record.keys()}
+            if "update" in reply.content.config_records:
+                update = read_vector(reply.content.config_records["update"])
+                entry["up"] = int(update.nbytes)
+                # what the node trained to: the adapter it received plus its update
+                sent = from_bytes(msg.content.config_records["config"][ADAPTER], "float32")
+                entry["trained"] = sent + update
             self.log.append(entry)
             replies.append(reply)
         return replies
@@ -250,6 +270,7 @@ def run_federation(
     from flwr.app import Context, RecordDict
 
     from fedsd.config import RunConfig
+    from fedsd.fl.payload import shapes_of, unpack
     from fedsd.server_app import Federation
 
     rc = {
@@ -300,17 +321,23 @@ def run_federation(
         val0 = hist.get("baseline_val_loss")
 
     val_loss = [val0] + [r["val_loss"] for r in history]
-    inexact, down, up, train_s, node_s, tensors = [], [], [], [], [], 0
+    # The tensors that travel (sorted names, fedsd.fl.payload): all, or B only under FFA.
+    sent_shapes = shapes_of(
+        {k: v for k, v in initial.items() if variant != "ffa" or ".lora_B." in k}
+    )
+    inexact, down, up, train_s, node_s, tensors = [], [], [], [], [], len(sent_shapes)
     for r in range(1, args.rounds + 1):
         trains = [e for e in grid.log if e["round"] == r and e["type"] == "train"]
-        # Each node's full adapter: what it sent, plus (FFA) the shared frozen A.
-        full = [({**initial, **e["arrays"]}, float(e["metrics"]["num-examples"])) for e in trains]
+        # Each node's full adapter: what it trained, plus (FFA) the shared frozen A.
+        full = [
+            ({**initial, **unpack(e["trained"], sent_shapes)}, float(e["metrics"]["num-examples"]))
+            for e in trains
+        ]
         inexact.append(inexactness(full))
         down += [e["down"] for e in trains]
         up += [e["up"] for e in trains]
         train_s += [e["metrics"]["train-seconds"] for e in trains]
         node_s += [e["metrics"]["node-seconds"] for e in trains]
-        tensors = len(trains[0]["arrays"])
     evaluate_only = [e for e in grid.log if e["type"] == "evaluate"]
     all_bytes = sum(e["down"] + e["up"] for e in grid.log)
     payload = {

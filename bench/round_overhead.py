@@ -14,7 +14,7 @@ authentication, SuperExec, N SuperNodes, ``flwr run``) on this machine, back to 
   ClientApp-process floor as fedsd drives it, with no model, no evaluation and no
   training. What fedsd spends above it is its own.
 * floor_bytes: the floor with the array sent as bytes in the message's one ConfigRecord
-  (3 Flower objects per message instead of 5): what fewer objects per message would buy.
+  (3 Flower objects per message instead of 6): what fewer objects per message would buy.
 
 ``overhead_ratio`` = fedsd's non-training seconds per round / bare_flower's round;
 ``other_above_floor`` = fedsd's non-training seconds per round - the floor's round.

@@ -20,7 +20,7 @@ How to read the JSON
 --------------------
 ``runs``: one entry per (privacy, seed, dtype) with ``val_loss`` (initial adapter, then
 each round's aggregate, from history.json), ``final_val_loss``,
-``update_bytes_per_node_per_round`` (Flower ``ArrayRecord`` bytes of the replies, as the
+``update_bytes_per_node_per_round`` (the update vectors' bytes in the replies, as the
 server counted them) and ``seconds``.
 
 ``summary``: per (privacy, dtype), over seeds, the mean ``final_val_loss`` (and its

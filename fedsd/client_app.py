@@ -4,11 +4,12 @@ A SuperNode starts a fresh process for every message, so this module imports onl
 Flower at import time; torch and diffusers come in with ``fedsd.task`` inside the
 handlers.
 
-Messages carry ``adapter`` (the global LoRA tensors as one flat vector, see
-``fedsd.fl.payload``) and ``config`` (``server-round``, ``run-key``, and under FFA-LoRA
-``lora-a-digest``). A train reply carries the node's *update* (its adapter minus the global
-one, after the privacy mode's clipping and noise), ``metrics`` with ``num-examples`` (the
-FedAvg weight) and ``privacy`` (the node's privacy records as JSON).
+Messages carry one ``config`` record: ``adapter`` (the global LoRA tensors as one flat
+vector's bytes, see ``fedsd.fl.payload``), ``server-round``, ``run-key``, and under FFA-LoRA
+``lora-a-digest``. A train reply carries the node's ``update`` (its adapter minus the
+global one, after the privacy mode's clipping and noise, as bytes with its dtype),
+``metrics`` with ``num-examples`` (the FedAvg weight) and ``privacy`` (the node's privacy
+records as JSON).
 
 Before any handler (and any SecAgg+ stage), the ``node_policy`` mod checks the run
 against the data owner's privacy policy in the node config (``fedsd.privacy.node_policy``) and
@@ -28,7 +29,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsd.fl.payload import FLAT
+from fedsd.fl.payload import ADAPTER, from_bytes
 from fedsd.quality import MESSAGE_TYPE as QUALITY_MESSAGE
 
 SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants
@@ -105,8 +106,9 @@ def _incoming(msg: Message) -> tuple[Any, dict[str, Any], bool]:
         fitins = recorddict_to_fitins(content, keep_input=True)
         (flat,) = parameters_to_ndarrays(fitins.parameters)
         return flat, dict(fitins.config), True
-    flat = content.array_records["adapter"][FLAT].numpy()
-    return flat, dict(content.config_records.get("config", {})), False
+    config = dict(content.config_records.get("config", {}))
+    flat = from_bytes(config.pop(ADAPTER, None), "float32")
+    return flat, config, False
 
 
 def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bool]:
@@ -126,7 +128,7 @@ def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bo
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Score the global adapter, train on it (privately if asked), return the update."""
-    from fedsd.fl.payload import encode_update, pack
+    from fedsd.fl.payload import encode_update, pack, vector_record
     from fedsd.ml.training import train_images
     from fedsd.privacy.node import NodePrivacy, data_owner_id, records_json
     from fedsd.privacy.node_policy import NodePolicy
@@ -193,9 +195,7 @@ def train(msg: Message, context: Context) -> Message:
         return _fitres_reply(msg, flat, weight, metrics, records_json(records))
     content = RecordDict(
         {
-            "update": ArrayRecord(
-                array_dict={FLAT: Array(encode_update(flat, task.cfg.update_dtype))}
-            ),
+            "update": ConfigRecord(vector_record(encode_update(flat, task.cfg.update_dtype))),
             "metrics": MetricRecord(metrics),
             "privacy": ConfigRecord({"records": records_json(records)}),
         }

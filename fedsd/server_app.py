@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsd.common.health import poll_until
@@ -35,7 +35,7 @@ from fedsd.config import RunConfig
 from fedsd.fl.aggregation import aggregate, weighted_metric
 from fedsd.fl.checkpoint import DiskFullError, RunDir
 from fedsd.fl.history import RoundRecord, fmt_loss, quality_line, round_line
-from fedsd.fl.payload import FLAT, pack, unpack
+from fedsd.fl.payload import ADAPTER, pack, to_bytes, unpack
 from fedsd.fl.replies import metrics_of, node_records, num, update_of, val_pair
 from fedsd.fl.secagg import secure_exchange, send_and_receive
 from fedsd.fl.validation import (
@@ -490,10 +490,10 @@ class Federation:
         evaluate messages of a SecAgg+ round keep Flower's default lifetime: they are
         pulled after the secure round, which may outlast one round-timeout.
         """
-        record = ArrayRecord(array_dict={FLAT: Array(flat)})
+        adapter = to_bytes(np.asarray(flat, dtype=np.float32))
         messages = [
             Message(
-                content=RecordDict({"adapter": record, "config": ConfigRecord(config)}),
+                content=RecordDict({"config": ConfigRecord({**config, ADAPTER: adapter})}),
                 message_type=message_type,
                 dst_node_id=node_id,
                 group_id=str(server_round),
@@ -501,7 +501,7 @@ class Federation:
             )
             for node_id, message_type in targets
         ]
-        sent = record.count_bytes() * len(messages)
+        sent = len(adapter) * len(messages)
         if push_only:
             return list(self.grid.push_messages(messages)), sent
         return send_and_receive(self.grid, messages, self.cfg.round_timeout), sent

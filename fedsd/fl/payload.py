@@ -1,8 +1,16 @@
-"""LoRA tensors on the wire: one flat float32 vector per message, in sorted-name order.
+"""LoRA tensors on the wire: one flat vector per message, in sorted-name order, as bytes.
 
-Flower 1.41 moves every Array of a message as separate objects, each with its own HTTP
-request at every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back), so 64
-small LoRA tensors cost hundreds of round trips per message; one vector costs a handful.
+Flower 1.41 moves every object of a message (the message, its RecordDict, each record,
+each Array and each Array chunk) with its own HTTP request at every hop (ServerApp ->
+SuperLink -> SuperNode -> ClientApp and back), and each request costs the SuperLink CPU.
+So 64 small LoRA tensors would cost hundreds of round trips per message, and even one
+vector in an ArrayRecord costs 3 objects (record, Array, chunk). fedsd sends the vector as
+bytes inside a ConfigRecord the message has anyway: down, the global adapter (float32)
+under ``ADAPTER`` in the ``config`` record (3 objects per message instead of 6); up, the
+update under ``FLAT`` with its dtype under ``DTYPE`` in the ``update`` record (5 instead
+of 7). ``bench/round_overhead.py``'s ``floor_bytes`` arm measures what that buys
+(docs/performance.md).
+
 Both ends know the names and shapes (the server from the seeded initial adapter, a node
 from its own model), so only the values travel; a length mismatch is refused.
 """
@@ -13,8 +21,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-#: Name of the one Array in the ``adapter`` (down) and ``update`` (up) ArrayRecords.
-FLAT = "flat"
+#: Down: the global adapter's float32 bytes, in the message's ``config`` ConfigRecord.
+ADAPTER = "adapter"
+#: Up: the update's bytes and its dtype name, in the reply's ``update`` ConfigRecord.
+FLAT, DTYPE = "flat", "dtype"
+#: The dtypes a vector may travel as (little-endian).
+WIRE_DTYPES = ("float32", "float16")
 
 
 def pack(arrays: Mapping[str, np.ndarray], keys: list[str] | None = None) -> np.ndarray:
@@ -40,6 +52,37 @@ def encode_update(flat: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16" and (flat.size == 0 or float(np.abs(flat).max()) <= _FLOAT16_MAX):
         return flat.astype(np.float16)
     return flat
+
+
+def to_bytes(flat: np.ndarray) -> bytes:
+    """``flat``'s values as little-endian bytes of its dtype."""
+    flat = np.asarray(flat)
+    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).tobytes()
+
+
+def from_bytes(raw: object, dtype: str) -> np.ndarray:
+    """The vector in ``raw`` (bytes made by ``to_bytes``), as a writable array of ``dtype``.
+    Whatever a peer sent: anything else is a ValueError saying what is wrong."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"vector dtype {dtype!r}: expected one of {', '.join(WIRE_DTYPES)}")
+    if not isinstance(raw, bytes):
+        raise ValueError(f"vector is {type(raw).__name__}, expected bytes")
+    wire = np.dtype(dtype).newbyteorder("<")
+    if len(raw) % wire.itemsize:
+        raise ValueError(f"{len(raw)} bytes are not a whole number of {dtype} values")
+    return np.frombuffer(raw, dtype=wire).astype(dtype)
+
+
+def vector_record(flat: np.ndarray) -> dict[str, bytes | str]:
+    """The ``update`` record's entries for ``flat`` (any dtype: the reader decides)."""
+    return {FLAT: to_bytes(flat), DTYPE: np.asarray(flat).dtype.name}
+
+
+def read_vector(record: Mapping[str, object]) -> np.ndarray:
+    """The vector of a record made by ``vector_record``; ValueError if it is not one."""
+    if FLAT not in record:
+        raise ValueError(f"no {FLAT!r} entry")
+    return from_bytes(record[FLAT], str(record.get(DTYPE, "")))
 
 
 def unpack(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsd.fl.payload import FLAT
+from fedsd.fl.payload import FLAT, read_vector
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -21,8 +22,12 @@ if TYPE_CHECKING:
 #: (``fedsd.privacy.owner_ledgers`` compares and stores them).
 LEDGER_FIGURES = ("prior_steps", "prior_epsilon", "lifetime_steps", "lifetime_epsilon")
 
-#: An update array that could not be decoded: ``check_reply`` rejects it as bad-type.
-UNREADABLE = object()
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An update that could not be decoded, and why: ``check_reply`` rejects it as bad-type."""
+
+    reason: str
 
 
 def node_records(config: Any, node: int) -> list[dict[str, Any]]:
@@ -80,15 +85,15 @@ def metrics_of(reply: Message) -> dict[str, Any] | None:
 
 
 def update_of(reply: Message) -> tuple[Any, int]:
-    """(the reply's flat update or None, its bytes); ``UNREADABLE`` if undecodable."""
-    records = reply.content.array_records
+    """(the reply's flat update or None, its bytes); ``Unreadable`` if undecodable."""
+    records = reply.content.config_records
     if "update" not in records or FLAT not in records["update"]:
         return None, 0
-    record = records["update"]
     try:
-        return record[FLAT].numpy(), record.count_bytes()
-    except Exception:  # whatever bytes a node sent: it is refused, not a crash
-        return UNREADABLE, 0
+        flat = read_vector(records["update"])
+    except Exception as exc:  # whatever bytes or dtype a node sent: refused, not a crash
+        return Unreadable(str(exc)[:200]), 0
+    return flat, int(flat.nbytes)
 
 
 def val_pair(metrics: dict[str, Any] | None) -> tuple[float, float] | None:

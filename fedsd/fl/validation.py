@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsd.fl.replies import Unreadable
 from fedsd.privacy.node_policy import POLICY_KEYS
 
 #: Every rejection reason, in the order the checks run.
@@ -73,7 +74,7 @@ def check_reply(
     flat: Any, metrics: Mapping[str, Any] | None, limits: Limits
 ) -> Accepted | Rejected:
     """Validate one train reply: ``flat`` is its update vector (None when absent, any other
-    non-array when it could not be decoded), ``metrics`` its metric record (None when absent).
+    ``Unreadable`` when it could not be decoded), ``metrics`` its metric record (None when absent).
 
     The weight must lie in [0, shard-images x local-epochs] (the node's own account of its
     train split) and not exceed ``max_weight``: the node's image count is a claim too, so
@@ -89,6 +90,8 @@ def check_reply(
     weight, images = metrics["num-examples"], metrics["shard-images"]
     if not (_number(weight) and _number(images)):
         return Rejected("bad-type", "num-examples and shard-images must be numbers")
+    if isinstance(flat, Unreadable):
+        return Rejected("bad-type", f"update unreadable: {flat.reason}")
     if not isinstance(flat, np.ndarray) or not np.issubdtype(flat.dtype, np.floating):
         return Rejected("bad-type", f"update is {getattr(flat, 'dtype', type(flat).__name__)}")
     if flat.ndim != 1 or flat.size != limits.length:

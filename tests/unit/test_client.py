@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from PIL import Image
 
 from fedsd.config import RunConfig
-from fedsd.fl.payload import FLAT, pack, shapes_of, unpack
+from fedsd.fl.payload import ADAPTER, pack, read_vector, shapes_of, to_bytes, unpack
 from fedsd.ml.model import init_lora_arrays, lora_shapes
 
 
@@ -67,12 +67,7 @@ def _message(arrays, message_type, server_round=1, digest=None):
     config = {"server-round": server_round, "run-key": "test"}
     if digest:
         config["lora-a-digest"] = digest
-    content = RecordDict(
-        {
-            "adapter": ArrayRecord(array_dict={FLAT: Array(pack(arrays))}),
-            "config": ConfigRecord(config),
-        }
-    )
+    content = RecordDict({"config": ConfigRecord({**config, ADAPTER: to_bytes(pack(arrays))})})
     return Message(content=content, dst_node_id=1, message_type=message_type, group_id="1")
 
 
@@ -100,7 +95,7 @@ def test_client_starts_from_the_global_adapter(tiny_model, shard, tmp_path):
     glob, init = _global(cfg)
     ctx = _context(rc, shard, tmp_path / "c")
     reply = client_app.train(_message(glob, "train"), ctx)
-    update = unpack(reply.content.array_records["update"][FLAT].numpy(), shapes_of(glob))
+    update = unpack(read_vector(reply.content.config_records["update"]), shapes_of(glob))
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 8  # images, not batches
     assert metrics["train-steps"] == 2
@@ -122,13 +117,13 @@ def test_update_dtype_float16_sends_the_update_in_half_the_bytes(tiny_model, sha
         rc = _run_config(tiny_model, tmp_path, **{"update-dtype": dtype})
         glob, _ = _global(RunConfig.from_mapping(rc))
         ctx = _context(rc, shard, tmp_path / "c")
-        replies[dtype] = client_app.train(_message(glob, "train"), ctx).content.array_records
+        replies[dtype] = client_app.train(_message(glob, "train"), ctx).content.config_records
     full, half = (replies[d]["update"] for d in ("float32", "float16"))
-    assert full[FLAT].numpy().dtype == np.float32 and half[FLAT].numpy().dtype == np.float16
+    assert read_vector(full).dtype == np.float32 and read_vector(half).dtype == np.float16
     assert half.count_bytes() < 0.55 * full.count_bytes()
     # Same seed, same data: the same training, only the wire format differs.
     np.testing.assert_allclose(
-        half[FLAT].numpy().astype(np.float32), full[FLAT].numpy(), rtol=1e-3, atol=1e-7
+        read_vector(half).astype(np.float32), read_vector(full), rtol=1e-3, atol=1e-7
     )
 
 
@@ -142,7 +137,7 @@ def test_ffa_sends_only_b_and_checks_a(tiny_model, shard, tmp_path):
     b_only = {k: v for k, v in glob.items() if ".lora_B." in k}
     ctx = _context(rc, shard, tmp_path / "c")
     reply = client_app.train(_message(b_only, "train", digest=lora_a_digest(glob)), ctx)
-    got = reply.content.array_records["update"][FLAT].numpy()
+    got = read_vector(reply.content.config_records["update"])
     assert got.size == sum(v.size for v in b_only.values()) < sum(v.size for v in glob.values())
     with pytest.raises(RuntimeError, match="A matrices differ"):
         client_app.train(_message(b_only, "train", digest="0" * 16), ctx)

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from prometheus_client import REGISTRY  # in-process values: imported before the env var
 
 from fedsd.config import RunConfig
-from fedsd.fl.payload import FLAT
+from fedsd.fl.payload import ADAPTER, from_bytes, vector_record
 from fedsd.fl.validation import REASONS, Accepted, Limits, Rejected, check_reply
 from fedsd.ml.model import load_adapter_arrays
 from fedsd.privacy.node_policy import POLICY_KEYS, REFUSAL_PREFIX
@@ -104,7 +104,7 @@ def test_save_round_refuses_a_non_finite_adapter(tiny_model, tmp_path):
 
 # -- the round loop against rogue nodes ------------------------------------------------
 def _rogue_reply(kind: str, msg: Message) -> Message:
-    n = msg.content.array_records["adapter"][FLAT].numpy().size
+    n = from_bytes(msg.content.config_records["config"][ADAPTER], "float32").size
     flat = np.zeros(n, np.float32)
     metrics = {"num-examples": 4, "shard-images": 4, "train-loss": 0.1, "train-seconds": 0.0}
     metrics |= {"val-loss": 0.2, "val-examples": 2}
@@ -137,7 +137,7 @@ def _rogue_reply(kind: str, msg: Message) -> Message:
         return Message(Error(code=2, reason="<class 'OSError'>:<'disk gone'>"), reply_to=msg)
     content = RecordDict({"privacy": ConfigRecord({"records": "[]"})})
     if kind != "no-update":
-        content["update"] = ArrayRecord(array_dict={FLAT: Array(flat)})
+        content["update"] = ConfigRecord(vector_record(flat))
     if kind != "no-metrics":
         content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)

@@ -9,10 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedsd.config import RunConfig
-from fedsd.fl.payload import FLAT
+from fedsd.fl.payload import ADAPTER, to_bytes
 from fedsd.privacy.node import NodePrivacy, data_owner_id
 from fedsd.privacy.node_policy import NodePolicy, PolicyRefusal, listed_images, refused_rule
 from fedsd.privacy.owner_ledgers import OwnerLedgers
@@ -202,11 +202,9 @@ def test_clientapp_refuses_a_weaker_run_before_reading_any_image(
 
     monkeypatch.setattr(PIL.Image, "open", no_images)
     monkeypatch.setattr("fedsd.task.NodeTask.__init__", no_images)
+    adapter = to_bytes(np.zeros(4, np.float32))
     content = RecordDict(
-        {
-            "adapter": ArrayRecord(array_dict={FLAT: Array(np.zeros(4, np.float32))}),
-            "config": ConfigRecord({"server-round": 1, "run-key": "k"}),
-        }
+        {"config": ConfigRecord({"server-round": 1, "run-key": "k", ADAPTER: adapter})}
     )
     msg = Message(content=content, dst_node_id=1, message_type=kind, group_id="1")
     cache = tmp_path / "cache"
