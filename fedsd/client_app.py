@@ -107,8 +107,12 @@ def _incoming(msg: Message) -> tuple[Any, dict[str, Any], bool]:
         (flat,) = parameters_to_ndarrays(fitins.parameters)
         return flat, dict(fitins.config), True
     config = dict(content.config_records.get("config", {}))
-    flat = from_bytes(config.pop(ADAPTER, None), "float32")
-    return flat, config, False
+    if ADAPTER not in config:
+        raise ValueError(
+            f"the message's config record has no {ADAPTER!r}: is the server's fedsd this "
+            "node's version (fedsd.fl.payload)?"
+        )
+    return from_bytes(config.pop(ADAPTER), "float32"), config, False
 
 
 def _setup(msg: Message, context: Context) -> tuple[Any, int, dict[str, Any], bool]:

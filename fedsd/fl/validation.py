@@ -73,8 +73,9 @@ def _number(x: Any) -> bool:
 def check_reply(
     flat: Any, metrics: Mapping[str, Any] | None, limits: Limits
 ) -> Accepted | Rejected:
-    """Validate one train reply: ``flat`` is its update vector (None when absent, any other
-    ``Unreadable`` when it could not be decoded), ``metrics`` its metric record (None when absent).
+    """Validate one train reply: ``flat`` is its update vector (None when absent,
+    ``Unreadable`` when it could not be decoded), ``metrics`` its metric record (None when
+    absent).
 
     The weight must lie in [0, shard-images x local-epochs] (the node's own account of its
     train split) and not exceed ``max_weight``: the node's image count is a claim too, so
