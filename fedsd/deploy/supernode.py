@@ -10,7 +10,8 @@ Its SuperExec (started by the SuperNode) asks the node every 1 s whether a messa
 for a ClientApp: up to 1 s more per message.
 
 ``python -m fedsd.deploy.supernode ARGS`` (ARGS as for ``flower-supernode``) runs Flower's
-own SuperNode with three of these waits replaced, and nothing else:
+own SuperNode with three of these waits replaced, and one fix (``InOrderReplies``: a
+reply orphaned by a run that ended mid-receipt no longer shifts every later reply):
 
 * waiting for the ClientApp's reply (a look into the node's own memory, no network):
   ``FEDSD_SUPERNODE_REPLY_WAIT`` seconds (default 0.05) instead of 0.5;
@@ -51,8 +52,15 @@ FLOWER_REPLY_WAIT = 0.5
 #: Where those waits are in Flower's source (the test and ``patch_*`` check them), by
 #: module attribute -> text.
 SUPERNODE_MARKERS = {
-    "start_client_internal": ("time.sleep(3)", 'command = ["flower-superexec"]'),
-    "_push_messages": ("time.sleep(0.5)",),
+    "start_client_internal": (
+        "time.sleep(3)",
+        'command = ["flower-superexec"]',
+        "run_id = _pull_and_store_message(\n                state=state,",
+        "_push_messages(\n                state=state,",
+        "send=send,",
+    ),
+    "_pull_and_store_message": ("state.store_message(message)", "except RunNotRunningException"),
+    "_push_messages": ("time.sleep(0.5)", "send(message, object_tree, clientapp_runtime)"),
 }
 SUPEREXEC_MARKERS = {
     "run_superexec": ("time.sleep(task_poll_interval)", "_handle_launch_result("),
@@ -135,6 +143,63 @@ def _mark_after(waits: PacedWaits, function: Callable[..., Any]) -> Callable[...
     return marked
 
 
+class InOrderReplies:
+    """Push the reply to the message just pulled, not just any reply.
+
+    Flower 1.41's SuperNode stores a pulled message (and its ClientApp starts) before it
+    confirms the receipt; when the SuperLink then says the run is no longer running (it
+    was restarted, the run resubmitted), Flower drops the message but not the reply its
+    ClientApp still writes. Its loop pushes whatever reply is ready after each pull, so
+    that orphan goes out in place of the next message's reply, and every later reply one
+    message late: the resubmitted run waits for a reply that never leaves (seen in
+    ``tests/e2e/test_faults.py``'s SuperLink kill). This pushes until the reply to the
+    message just pulled has gone; orphans go too (the SuperLink ignores them)."""
+
+    def __init__(self) -> None:
+        self.pulled: str | None = None  # the message the loop pulled last
+        self.replied: set[str] = set()  # the messages whose replies were sent since
+
+    def pull(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap ``_pull_and_store_message``: note the message it stores."""
+
+        def pulled(*args: Any, state: Any, **kwargs: Any) -> Any:
+            if not getattr(state, "_fedsd_noted", False):
+                store = state.store_message
+
+                def store_message(message: Any) -> Any:
+                    if not message.metadata.reply_to_message_id:  # pulled, not a reply
+                        self.pulled = message.metadata.message_id
+                    return store(message)
+
+                state.store_message = store_message
+                state._fedsd_noted = True
+            return function(*args, state=state, **kwargs)
+
+        return pulled
+
+    def push(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap ``_push_messages``: call it until the pulled message's reply was sent."""
+
+        def pushed(*args: Any, send: Callable[..., Any], **kwargs: Any) -> Any:
+            def sending(message: Any, *a: Any, **k: Any) -> Any:
+                self.replied.add(message.metadata.reply_to_message_id)
+                return send(message, *a, **k)
+
+            while True:
+                result = function(*args, send=sending, **kwargs)
+                if self.pulled is None or self.pulled in self.replied:
+                    self.replied.clear()
+                    return result
+                print(
+                    "fedsd supernode: pushed the reply to an earlier message; waiting "
+                    f"for the reply to {self.pulled}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        return pushed
+
+
 class _PacedSuperExec:
     """``subprocess`` for Flower's SuperNode module: its ``flower-superexec`` becomes
     ``python -m fedsd.deploy.supernode superexec`` (the same, paced)."""
@@ -166,7 +231,9 @@ def patch_supernode(module: Any) -> list[str]:
         {FLOWER_REPLY_WAIT: _seconds("FEDSD_SUPERNODE_REPLY_WAIT", 0.05)},
     )
     module.time = waits
-    module._push_messages = _mark_after(waits, module._push_messages)
+    replies = InOrderReplies()
+    module._pull_and_store_message = replies.pull(module._pull_and_store_message)
+    module._push_messages = _mark_after(waits, replies.push(module._push_messages))
     module.subprocess = _PacedSuperExec()
     return []
 

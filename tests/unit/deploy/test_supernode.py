@@ -101,5 +101,54 @@ def test_a_moved_loop_is_left_alone():
     module = _fresh("flwr.supernode.start_client_internal")
     module._push_messages = lambda: None  # as if Flower had rewritten it
     moved = patch_supernode(module)
-    assert moved == ["_push_messages: time.sleep(0.5)"]
+    assert moved == [
+        "_push_messages: time.sleep(0.5)",
+        "_push_messages: send(message, object_tree, clientapp_runtime)",
+    ]
     assert not isinstance(module.time, PacedWaits)
+
+
+def test_the_reply_to_the_message_just_pulled_is_pushed_not_an_orphan_before_it():
+    """Flower's loop pushes whatever reply is ready after a pull. An orphan reply (its
+    message dropped when the run ended mid-receipt) must not stand in for the reply to
+    the message just pulled: the wrapper pushes until that one has gone."""
+    from types import SimpleNamespace
+
+    def msg(mid, reply_to=""):
+        meta = SimpleNamespace(message_id=mid, reply_to_message_id=reply_to)
+        return SimpleNamespace(metadata=meta)
+
+    class State:  # Flower's NodeState, as far as the loop uses it
+        def __init__(self):
+            self.replies = [msg("r-old", "m-old")]  # the orphan
+            self.stored = []
+
+        def store_message(self, message):
+            self.stored.append(message.metadata.message_id)
+
+    state = State()
+    waits = []
+
+    def flower_pull(*, state):  # stores the pulled message; its ClientApp runs later
+        state.store_message(msg("m-new"))
+        return 1
+
+    def flower_push(*, state, send):  # like Flower's: wait for any reply, push all ready
+        if not state.replies:
+            waits.append("wait")
+            state.replies.append(msg("r-new", "m-new"))  # the ClientApp is done
+        ready, state.replies = state.replies, []
+        for reply in ready:
+            send(reply)
+
+    sent = []
+    replies = supernode.InOrderReplies()
+    pull, push = replies.pull(flower_pull), replies.push(flower_push)
+    assert pull(state=state) == 1 and state.stored == ["m-new"]
+    push(state=state, send=lambda m: sent.append(m.metadata.message_id))
+    assert sent == ["r-old", "r-new"] and waits == ["wait"]
+    # The next round: one message, one reply, one push.
+    pull(state=state)
+    state.replies.append(msg("r-next", "m-new"))
+    push(state=state, send=lambda m: sent.append(m.metadata.message_id))
+    assert sent == ["r-old", "r-new", "r-next"]
