@@ -143,10 +143,6 @@ ECHO_ARMS = {
 }
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values)
-
-
 def _steady(values: list[float]) -> float | None:
     return statistics.mean(values[1:]) if len(values) > 1 else None
 
@@ -168,12 +164,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedsd-bench-") as tmp:
         work = Path(tmp)
         fedsd = run_fedsd(work, args.nodes, args.rounds, args.resolution)
-        payload = fedsd["payload_bytes_per_node"]
+        payload_bytes = fedsd["payload_bytes_per_node"]
         echo = {
-            arm: run_bare(work, args.nodes, args.rounds, payload, *ECHO_ARMS[arm])
+            arm: run_bare(work, args.nodes, args.rounds, payload_bytes, *ECHO_ARMS[arm])
             for arm in args.arms
         }
-    other = _mean(fedsd["other_seconds"])
+    other = statistics.mean(fedsd["other_seconds"])
     steady_other = _steady(fedsd["other_seconds"])
     out = {
         "benchmark": "round_overhead",
@@ -182,13 +178,13 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "fedsd": fedsd,
         **echo,
-        "fedsd_mean_round_seconds": _mean(fedsd["round_seconds"]),
-        "fedsd_mean_train_seconds": _mean(fedsd["train_seconds"]),
+        "fedsd_mean_round_seconds": statistics.mean(fedsd["round_seconds"]),
+        "fedsd_mean_train_seconds": statistics.mean(fedsd["train_seconds"]),
         "fedsd_mean_other_seconds": other,
         "steady_fedsd_other_seconds": steady_other,
     }
     for arm, result in echo.items():
-        out[f"{arm}_mean_round_seconds"] = _mean(result["round_seconds"])
+        out[f"{arm}_mean_round_seconds"] = statistics.mean(result["round_seconds"])
         out[f"steady_{arm}_round_seconds"] = _steady(result["round_seconds"])
     if "bare_flower" in echo:
         out["overhead_ratio"] = other / out["bare_flower_mean_round_seconds"]
